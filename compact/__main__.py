@@ -1,0 +1,5 @@
+import sys
+
+from compact.cli import main
+
+sys.exit(main())

@@ -1,0 +1,236 @@
+"""Text sources turned into token blocks for calibration, training and validation.
+
+SRC is "builtin", a .txt/.jsonl path, "hf:NAME[:CONFIG][:SPLIT]" or "teacher". Each source
+becomes one token stream that is cut by position into three regions that never overlap:
+training (first 80%), calibration (next 10%) and validation (last 10%). Blocks are
+non-overlapping windows of a region, shuffled by a seed, so a given (source, split, seq_len,
+seed) always yields the same blocks.
+
+builtin: the Python Language Reference topics (pydoc_data) and the longer docstrings of the
+standard library: English prose written by Python's contributors, shipped with every
+CPython, under the PSF License 2.0. About 300k tokens with SmolLM2's tokenizer.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import json
+import os
+import sysconfig
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+from compact.errors import UserError
+from compact.paths import cache_dir
+
+SPLITS = {"train": (0.0, 0.8), "calibration": (0.8, 0.9), "validation": (0.9, 1.0)}
+SKIP_DIRS = {"test", "tests", "idlelib", "site-packages", "lib2to3", "tkinter", "turtledemo",
+             "ensurepip", "__pycache__", "dist-packages"}
+HF_CHAR_BUDGET = 20_000_000  # stop streaming a Hub dataset after this much text
+TEACHER_OPENINGS = [
+    "The history of", "In the morning, she", "Scientists have discovered", "Here is a recipe for",
+    "The main reason why", "Once upon a time,", "To solve this problem, we", "The city of",
+    "A good teacher", "The following story", "Yesterday I learned", "The best way to learn",
+    "In computer science,", "The weather today", "My favorite book", "When the war ended,",
+]
+
+
+def builtin_texts() -> list[str]:
+    """The builtin corpus as documents, in a fixed order."""
+    import pydoc_data.topics as topics
+
+    docs = [topics.topics[k] for k in sorted(topics.topics)]
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    for root, dirs, files in os.walk(stdlib):
+        dirs[:] = sorted(d for d in dirs if d not in SKIP_DIRS)
+        for name in sorted(files):
+            if not name.endswith(".py"):
+                continue
+            try:
+                tree = ast.parse(Path(root, name).read_text(encoding="utf-8"))
+            except (SyntaxError, UnicodeDecodeError, ValueError):
+                continue
+            for node in ast.walk(tree):
+                if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef)):
+                    doc = ast.get_docstring(node)
+                    if doc and len(doc) >= 400:
+                        docs.append(doc)
+    return docs
+
+
+def _read_text_file(path: Path) -> bytes:
+    if not path.is_file():
+        raise UserError(f"data file not found: {path}")
+    raw = path.read_bytes()
+    if b"\x00" in raw[:8192]:
+        raise UserError(f"{path} looks binary, not text")
+    return raw
+
+
+def file_texts(path: Path) -> list[str]:
+    raw = _read_text_file(path)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise UserError(f"{path} is not UTF-8 text") from None
+    if path.suffix == ".jsonl":
+        docs = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                raise UserError(f"{path} line {n} is not JSON") from None
+            if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+                raise UserError(f"{path} line {n} has no 'text' string field")
+            docs.append(row["text"])
+    else:
+        docs = [d for d in text.split("\n\n") if d.strip()]
+    if not any(d.strip() for d in docs):
+        raise UserError(f"{path} holds no text")
+    return docs
+
+
+def hf_texts(spec: str) -> list[str]:
+    """hf:NAME[:CONFIG][:SPLIT] through datasets, streamed so large sets are not downloaded."""
+    parts = spec.split(":")[1:]
+    if not parts or not parts[0]:
+        raise UserError("hf source needs a name: hf:NAME[:CONFIG][:SPLIT]")
+    name, config, split = parts[0], (parts[1] if len(parts) > 1 and parts[1] else None), \
+        (parts[2] if len(parts) > 2 and parts[2] else "train")
+    try:
+        import datasets
+
+        stream = datasets.load_dataset(name, config, split=split, streaming=True)
+        docs, chars = [], 0
+        for row in stream:
+            text = row.get("text") if isinstance(row, dict) else None
+            if text is None:
+                raise UserError(f"dataset {name} has no 'text' column")
+            if text.strip():
+                docs.append(text)
+                chars += len(text)
+            if chars >= HF_CHAR_BUDGET:
+                break
+    except UserError:
+        raise
+    except Exception as e:  # datasets raises many types for an unreachable hub
+        raise UserError(f"cannot stream dataset '{name}' from the Hub ({type(e).__name__}); "
+                        "offline choices: builtin, a .txt or .jsonl file, teacher") from None
+    if not docs:
+        raise UserError(f"dataset '{name}' gave no text")
+    return docs
+
+
+def teacher_texts(model, tokenizer, n_docs: int = 64, new_tokens: int = 256, seed: int = 0) -> list[str]:
+    """Text sampled from the model itself from varied openings, cached on disk."""
+    key = hashlib.sha256()
+    for p in list(model.parameters())[:4]:
+        key.update(p.detach().float().cpu().numpy().tobytes()[:4096])
+    key.update(f"{n_docs}-{new_tokens}-{seed}".encode())
+    path = cache_dir("teacher") / f"{key.hexdigest()[:16]}.jsonl"
+    if path.exists():
+        return [json.loads(line)["text"] for line in path.read_text().splitlines()]
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    device = next(model.parameters()).device
+    docs = []
+    for i in range(0, n_docs, 8):
+        prompts = [TEACHER_OPENINGS[(i + j) % len(TEACHER_OPENINGS)] for j in range(min(8, n_docs - i))]
+        tokenizer.padding_side = "left"
+        batch = tokenizer(prompts, return_tensors="pt", padding=True).to(device)
+        torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
+        with torch.no_grad():
+            out = model.generate(**batch, max_new_tokens=new_tokens, do_sample=True, top_p=0.95,
+                                 temperature=1.0, pad_token_id=tokenizer.pad_token_id)
+        docs += tokenizer.batch_decode(out, skip_special_tokens=True)
+    path.write_text("\n".join(json.dumps({"text": d}) for d in docs))
+    return docs
+
+
+def texts(src: str, model=None, tokenizer=None) -> list[str]:
+    src = (src or "").strip()
+    if src == "builtin":
+        return builtin_texts()
+    if src == "teacher":
+        if model is None:
+            raise UserError("the 'teacher' source needs a loaded model")
+        return teacher_texts(model, tokenizer)
+    if src.startswith("hf:"):
+        return hf_texts(src)
+    path = Path(src).expanduser()
+    if path.suffix in (".txt", ".jsonl") or path.exists():
+        if path.suffix not in (".txt", ".jsonl"):
+            raise UserError(f"{path}: data files must be .txt or .jsonl")
+        return file_texts(path)
+    raise UserError(f"unknown data source '{src}': use builtin, a .txt/.jsonl file, "
+                    "hf:NAME[:CONFIG][:SPLIT] or teacher")
+
+
+@lru_cache(maxsize=8)
+def _stream_cached(src: str, tokenizer) -> torch.Tensor:
+    # Only for sources that cannot change under us within a process (builtin, hf:).
+    return _encode(texts(src), tokenizer)
+
+
+def _encode(docs: list[str], tokenizer) -> torch.Tensor:
+    sep = tokenizer.eos_token_id
+    ids: list[int] = []
+    for doc in docs:
+        ids.extend(tokenizer(doc, add_special_tokens=False)["input_ids"])
+        if sep is not None:
+            ids.append(sep)
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def token_stream(src: str, tokenizer, model=None) -> torch.Tensor:
+    """All tokens of a source in order, documents separated by the EOS token."""
+    src = (src or "").strip()
+    if src == "builtin" or src.startswith("hf:"):
+        return _stream_cached(src, tokenizer)
+    return _encode(texts(src, model, tokenizer), tokenizer)
+
+
+def split_region(stream: torch.Tensor, split: str) -> torch.Tensor:
+    if split not in SPLITS:
+        raise UserError(f"unknown split '{split}': use {', '.join(SPLITS)}")
+    lo, hi = SPLITS[split]
+    n = len(stream)
+    return stream[int(n * lo): int(n * hi)]
+
+
+def blocks(src: str, tokenizer, split: str, n_blocks: int | None, seq_len: int,
+           seed: int = 0, model=None) -> torch.Tensor:
+    """n_blocks token blocks of seq_len from one split, shuffled by seed.
+
+    The validation split is never repeated: asking for more than it holds returns all of it.
+    Training and calibration wrap around with a new shuffle per pass, for long runs on a
+    small corpus.
+    """
+    if seq_len < 2:
+        raise UserError("sequence length must be at least 2")
+    region = split_region(token_stream(src, tokenizer, model), split)
+    available = len(region) // seq_len
+    if available == 0:
+        raise UserError(f"the {split} split of '{src}' holds {len(region)} tokens, "
+                        f"fewer than one block of {seq_len}")
+    windows = region[: available * seq_len].view(available, seq_len)
+    if n_blocks is None:
+        n_blocks = available
+    if n_blocks <= 0:
+        raise UserError("the number of blocks (or tokens) must be positive")
+    gen = torch.Generator().manual_seed(seed)
+    if split == "validation":
+        return windows[torch.randperm(available, generator=gen)[: min(n_blocks, available)]]
+    order = torch.cat([torch.randperm(available, generator=gen)
+                       for _ in range(-(-n_blocks // available))])[:n_blocks]
+    return windows[order]
+
+
+def n_blocks_for(tokens: int, seq_len: int) -> int:
+    if tokens <= 0:
+        raise UserError("the token budget must be positive")
+    return max(1, tokens // seq_len)

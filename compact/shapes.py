@@ -1,0 +1,100 @@
+"""Shape: the numbers that fix a model's size, and exact parameter/FLOP counts from them.
+
+A Shape is what a person picks in the Prune tab, so everything here is cheap arithmetic:
+no model is touched.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+
+
+@dataclass(frozen=True)
+class Shape:
+    layers: int
+    hidden: int
+    ffn: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    tied: bool = True
+    # Family traits that change the count; filled in by the adapter (compact.arch).
+    gated_mlp: bool = True  # gate+up+down (Llama) or up+down (GPT-2)
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    norm_bias: bool = False  # LayerNorm (weight+bias) vs RMSNorm (weight)
+    qk_norm: bool = False  # Qwen3 per-head q/k RMSNorm
+    positions: int = 0  # learned position embeddings (GPT-2); 0 for rotary
+
+    def with_targets(self, layers=None, hidden=None, ffn=None, heads=None) -> "Shape":
+        """The shape after pruning to the given targets (None keeps an axis)."""
+        new = replace(
+            self,
+            layers=self.layers if layers is None else int(layers),
+            hidden=self.hidden if hidden is None else int(hidden),
+            ffn=self.ffn if ffn is None else int(ffn),
+            heads=self.heads if heads is None else int(heads),
+        )
+        if new.heads != self.heads and self.kv_heads == self.heads:
+            # Multi-head attention: every query head is its own KV group, so both shrink.
+            new = replace(new, kv_heads=new.heads)
+        return new
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @property
+    def params(self) -> int:
+        return count_params(self)
+
+
+def count_params(s: Shape) -> int:
+    norm = s.hidden * (2 if s.norm_bias else 1)
+    q_out, kv_out = s.heads * s.head_dim, s.kv_heads * s.head_dim
+    attn = s.hidden * q_out + 2 * s.hidden * kv_out + q_out * s.hidden
+    if s.qkv_bias:
+        attn += q_out + 2 * kv_out
+    if s.o_bias:
+        attn += s.hidden
+    if s.qk_norm:
+        attn += 2 * s.head_dim
+    mlp = (3 if s.gated_mlp else 2) * s.hidden * s.ffn
+    if s.mlp_bias:
+        mlp += (2 if s.gated_mlp else 1) * s.ffn + s.hidden
+    per_layer = attn + mlp + 2 * norm
+    embed = s.vocab * s.hidden + s.positions * s.hidden
+    head = 0 if s.tied else s.vocab * s.hidden
+    return embed + s.layers * per_layer + norm + head
+
+
+def flops_per_token(s: Shape, context: int = 1024) -> int:
+    """Forward FLOPs per token (2 per multiply-add) at a given context length."""
+    matmul = count_params(s) - s.vocab * s.hidden - s.positions * s.hidden
+    if s.tied:
+        matmul += s.vocab * s.hidden  # the tied LM head still multiplies
+    attention = 2 * s.layers * s.heads * s.head_dim * context  # scores and weighted sum
+    return 2 * matmul + 2 * attention
+
+
+def memory_bytes(s: Shape, bytes_per_param: int = 2) -> int:
+    return count_params(s) * bytes_per_param
+
+
+def valid_values(s: Shape) -> dict:
+    """The values each axis may take when pruning from shape s.
+
+    heads must stay a multiple of kv_heads (KV groups are kept, query heads pruned within
+    each group); for multi-head attention any count works since groups shrink with heads.
+    """
+    if s.kv_heads == s.heads:
+        heads = list(range(1, s.heads + 1))
+    else:
+        heads = [h for h in range(s.kv_heads, s.heads + 1) if h % s.kv_heads == 0]
+    return {
+        "layers": list(range(1, s.layers + 1)),
+        "hidden": list(range(1, s.hidden + 1)),
+        "ffn": list(range(1, s.ffn + 1)),
+        "heads": heads,
+    }

@@ -1,0 +1,110 @@
+import json
+
+import pytest
+import torch
+
+from compact import data
+from compact.errors import UserError
+
+
+def _positions(region_start, blocks, stream):
+    """Start offsets of each block inside the stream (blocks are exact windows)."""
+    found = set()
+    for row in blocks:
+        for start in range(len(stream) - len(row) + 1):
+            if torch.equal(stream[start:start + len(row)], row):
+                found.add(start)
+                break
+    return found
+
+
+def test_builtin_is_large_and_splits_never_overlap(tokenizer):
+    stream = data.token_stream("builtin", tokenizer)
+    outside_validation = len(data.split_region(stream, "train")) + len(data.split_region(stream, "calibration"))
+    assert outside_validation >= 100_000
+    # The three regions tile the stream exactly, in order.
+    regions = [data.split_region(stream, s) for s in ("train", "calibration", "validation")]
+    assert sum(len(r) for r in regions) == len(stream)
+    assert torch.equal(torch.cat(regions), stream)
+
+
+def test_blocks_deterministic_and_split_bound(tokenizer, tmp_path):
+    text = " ".join(f"word{i} is number {i}." for i in range(3000))
+    path = tmp_path / "c.txt"
+    path.write_text(text)
+    stream = data.token_stream(str(path), tokenizer)
+    n = len(stream)
+    val = data.blocks(str(path), tokenizer, "validation", 1000, 16, seed=1)
+    train = data.blocks(str(path), tokenizer, "train", 50, 16, seed=1)
+    calib = data.blocks(str(path), tokenizer, "calibration", 10, 16, seed=3)
+    assert torch.equal(train, data.blocks(str(path), tokenizer, "train", 50, 16, seed=1))
+    assert not torch.equal(train, data.blocks(str(path), tokenizer, "train", 50, 16, seed=2))
+    assert len(val) == len(data.split_region(stream, "validation")) // 16
+    # Every validation window lies in the last tenth; training and calibration windows before it.
+    val_starts = _positions(0, val[:20], stream)
+    assert val_starts and min(val_starts) >= int(n * 0.9)
+    assert max(_positions(0, train[:20], stream)) + 16 <= int(n * 0.8)
+    calib_starts = _positions(0, calib, stream)
+    assert min(calib_starts) >= int(n * 0.8) and max(calib_starts) + 16 <= int(n * 0.9)
+
+
+def test_validation_never_repeats_training_wraps(tokenizer, tmp_path):
+    path = tmp_path / "small.txt"
+    path.write_text("alpha beta gamma delta " * 200)
+    val = data.blocks(str(path), tokenizer, "validation", 10_000, 8)
+    assert len(val) == len(data.split_region(data.token_stream(str(path), tokenizer), "validation")) // 8
+    train = data.blocks(str(path), tokenizer, "train", 500, 8)
+    assert len(train) == 500
+
+
+def test_jsonl_source(tokenizer, tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n".join(json.dumps({"text": f"document {i} says hello."}) for i in range(400)))
+    assert data.blocks(str(path), tokenizer, "train", 4, 8).shape == (4, 8)
+
+
+@pytest.mark.parametrize("content,suffix,message", [
+    (b"", ".txt", "holds no text"),
+    (b"   \n\n  ", ".txt", "holds no text"),
+    (b"\x00\x01\x02binary", ".txt", "looks binary"),
+    (b"caf\xe9 au lait", ".txt", "not UTF-8"),
+    (b'{"content": "x"}\n', ".jsonl", "no 'text'"),
+    (b"not json\n", ".jsonl", "not JSON"),
+    (b"hello", ".csv", "must be .txt or .jsonl"),
+])
+def test_bad_files(tokenizer, tmp_path, content, suffix, message):
+    path = tmp_path / f"f{suffix}"
+    path.write_bytes(content)
+    with pytest.raises(UserError, match=message):
+        data.blocks(str(path), tokenizer, "train", 1, 8)
+
+
+def test_unknown_and_missing_sources(tokenizer, tmp_path):
+    with pytest.raises(UserError, match="unknown data source"):
+        data.texts("nowhere")
+    with pytest.raises(UserError, match="not found"):
+        data.texts(str(tmp_path / "missing.txt"))
+    with pytest.raises(UserError, match="needs a loaded model"):
+        data.texts("teacher")
+    with pytest.raises(UserError, match="from the Hub"):
+        data.texts("hf:surely-not-a-dataset-name-xyz")
+
+
+def test_bad_block_requests(tokenizer, tmp_path):
+    path = tmp_path / "t.txt"
+    path.write_text("short text")
+    with pytest.raises(UserError, match="fewer than one block"):
+        data.blocks(str(path), tokenizer, "validation", 1, 512)
+    with pytest.raises(UserError, match="positive"):
+        data.n_blocks_for(0, 16)
+    with pytest.raises(UserError, match="unknown split"):
+        data.blocks("builtin", tokenizer, "test", 1, 16)
+
+
+def test_teacher_source_generates_and_caches(make_model, tokenizer, monkeypatch, tmp_path):
+    monkeypatch.setenv("COMPACT_HOME", str(tmp_path))
+    model = make_model("llama")
+    docs = data.teacher_texts(model, tokenizer, n_docs=4, new_tokens=16)
+    assert len(docs) == 4 and all(docs)
+    assert list((tmp_path / "teacher").glob("*.jsonl"))
+    assert data.teacher_texts(model, tokenizer, n_docs=4, new_tokens=16) == docs

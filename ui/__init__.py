@@ -1,0 +1,5 @@
+"""The Gradio app: a thin layer over compact/."""
+
+from ui.app import build_app
+
+__all__ = ["build_app"]
