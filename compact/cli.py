@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import sys
+import time
 
 from compact.errors import UserError
 
@@ -103,6 +104,48 @@ def _generate(p):
     return run
 
 
+# Commands that do real work are recorded in the runs store (compact.runs).
+JOB_COMMANDS = {"eval", "importance", "prune", "search", "distill", "sparsify"}
+
+
+def _run_tracked(args) -> dict:
+    from compact import runs
+
+    inputs = {k: v for k, v in vars(args).items() if not k.startswith("_") and k != "command"}
+    base = getattr(args, "model", None) or getattr(args, "teacher", None)
+    with runs.track(args.command, base, inputs, artifact=getattr(args, "out", None)) as run:
+        result = args._runners[args.command](args)
+        if isinstance(result, dict):
+            run.metrics = result
+            shape = result.get("shape")
+            run.shape = shape if isinstance(shape, dict) else None
+            run.params = result.get("params") if isinstance(result.get("params"), int) else None
+            run.cancelled = result.get("status") == "cancelled"
+    return result
+
+
+@command("runs", "list recorded jobs")
+def _runs(p):
+    p.add_argument("--json", action="store_true", help="only the JSON line, no table")
+    p.add_argument("--kind", default=None)
+    p.add_argument("--base", default=None, help="only runs of this base model")
+    p.add_argument("--status", default=None)
+    p.add_argument("--limit", type=int, default=50)
+
+    def run(a):
+        from compact import runs
+
+        rows = runs.RunStore().list(a.kind, a.base, a.status, limit=a.limit)
+        if not a.json:
+            for r in rows:
+                started = time.strftime("%Y-%m-%d %H:%M", time.localtime(r["started"]))
+                print(f"{r['id']:>5}  {started}  {r['kind']:<10} {r['status']:<10} "
+                      f"{r['base_model'] or '-':<30} {r['artifact'] or ''}")
+        return {"runs": rows}
+
+    return run
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="compact", description="Prune, sparsify and distill causal LMs.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -119,7 +162,10 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     try:
         args = build_parser().parse_args(argv)
-        result = args._runners[args.command](args)
+        if args.command in JOB_COMMANDS:
+            result = _run_tracked(args)
+        else:
+            result = args._runners[args.command](args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -1,0 +1,172 @@
+"""SQLite store of every job: what ran, on what, with which result.
+
+One file (COMPACT_RUNS_DB, default <COMPACT_HOME>/runs.sqlite) that survives restarts. A job
+still marked running whose process is gone is recorded as crashed the next time the store
+opens, so nothing is silently lost.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sqlite3
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+from compact.errors import UserError
+from compact.paths import home
+
+STATUSES = ("running", "succeeded", "failed", "cancelled", "crashed")
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    kind TEXT NOT NULL,
+    base_model TEXT,
+    inputs TEXT NOT NULL DEFAULT '{}',
+    shape TEXT,
+    params INTEGER,
+    metrics TEXT NOT NULL DEFAULT '{}',
+    status TEXT NOT NULL,
+    error TEXT,
+    artifact TEXT,
+    session TEXT,
+    host TEXT,
+    pid INTEGER,
+    started REAL NOT NULL,
+    finished REAL
+);
+CREATE INDEX IF NOT EXISTS runs_base ON runs(base_model);
+"""
+JSON_FIELDS = ("inputs", "shape", "metrics")
+
+
+def default_path() -> Path:
+    return Path(os.environ.get("COMPACT_RUNS_DB") or home() / "runs.sqlite")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class RunStore:
+    def __init__(self, path: str | os.PathLike | None = None):
+        self.path = Path(path) if path else default_path()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self._connect() as db:
+            db.executescript(SCHEMA)
+        self.mark_crashed()
+
+    def _connect(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, timeout=30)
+        db.row_factory = sqlite3.Row
+        return db
+
+    def start(self, kind: str, base_model: str | None, inputs: dict | None = None,
+              artifact: str | None = None, session: str | None = None) -> int:
+        with self._connect() as db:
+            cur = db.execute(
+                "INSERT INTO runs (kind, base_model, inputs, status, artifact, session, host, pid, started)"
+                " VALUES (?, ?, ?, 'running', ?, ?, ?, ?, ?)",
+                (kind, base_model, json.dumps(inputs or {}, default=str), artifact, session,
+                 socket.gethostname(), os.getpid(), time.time()))
+            return int(cur.lastrowid)
+
+    def finish(self, run_id: int, status: str, metrics: dict | None = None, shape: dict | None = None,
+               params: int | None = None, error: str | None = None, artifact: str | None = None) -> None:
+        if status not in STATUSES:
+            raise ValueError(f"unknown status {status}")
+        with self._connect() as db:
+            db.execute(
+                "UPDATE runs SET status=?, metrics=?, shape=COALESCE(?, shape), params=COALESCE(?, params),"
+                " error=?, artifact=COALESCE(?, artifact), finished=? WHERE id=?",
+                (status, json.dumps(metrics or {}, default=str),
+                 json.dumps(shape) if shape is not None else None, params, error, artifact,
+                 time.time(), run_id))
+
+    def delete(self, run_id: int) -> None:
+        with self._connect() as db:
+            db.execute("DELETE FROM runs WHERE id=?", (run_id,))
+
+    def mark_crashed(self) -> int:
+        """Runs of this host left 'running' by a process that no longer exists."""
+        host = socket.gethostname()
+        with self._connect() as db:
+            rows = db.execute("SELECT id, pid FROM runs WHERE status='running' AND host=?", (host,)).fetchall()
+            dead = [r["id"] for r in rows if r["pid"] is None or not _alive(r["pid"])]
+            db.executemany("UPDATE runs SET status='crashed', error='process ended without finishing',"
+                           " finished=? WHERE id=?", [(time.time(), i) for i in dead])
+        return len(dead)
+
+    def get(self, run_id: int) -> dict:
+        with self._connect() as db:
+            row = db.execute("SELECT * FROM runs WHERE id=?", (run_id,)).fetchone()
+        if row is None:
+            raise UserError(f"no run with id {run_id}")
+        return _row(row)
+
+    def list(self, kind: str | None = None, base_model: str | None = None, status: str | None = None,
+             session: str | None = None, limit: int = 1000) -> list[dict]:
+        where, args = [], []
+        for column, value in (("kind", kind), ("base_model", base_model), ("status", status),
+                              ("session", session)):
+            if value:
+                where.append(f"{column}=?")
+                args.append(value)
+        sql = "SELECT * FROM runs" + (" WHERE " + " AND ".join(where) if where else "")
+        with self._connect() as db:
+            rows = db.execute(sql + " ORDER BY id DESC LIMIT ?", (*args, limit)).fetchall()
+        return [_row(r) for r in rows]
+
+
+def _row(row: sqlite3.Row) -> dict:
+    out = dict(row)
+    for key in JSON_FIELDS:
+        out[key] = json.loads(out[key]) if out[key] else None
+    return out
+
+
+class Run:
+    """Handle of a running job inside `track`: set what the job produced."""
+
+    def __init__(self, store: RunStore, run_id: int):
+        self.store, self.id = store, run_id
+        self.metrics: dict = {}
+        self.shape: dict | None = None
+        self.params: int | None = None
+        self.artifact: str | None = None
+        self.cancelled = False
+
+
+@contextmanager
+def track(kind: str, base_model: str | None, inputs: dict | None = None, artifact: str | None = None,
+          session: str | None = None, store: RunStore | None = None):
+    """Record a job: succeeded, failed (with the reason), cancelled or, if the process dies, crashed.
+
+    A UserError means the request itself was bad and no job really ran: its record is removed,
+    so bad input leaves the store as it was.
+    """
+    store = store or RunStore()
+    run = Run(store, store.start(kind, base_model, inputs, artifact, session))
+    try:
+        yield run
+    except UserError:
+        store.delete(run.id)
+        raise
+    except (KeyboardInterrupt, SystemExit):
+        store.finish(run.id, "cancelled", run.metrics, run.shape, run.params, "interrupted", run.artifact)
+        raise
+    except BaseException as e:
+        store.finish(run.id, "failed", run.metrics, run.shape, run.params,
+                     f"{type(e).__name__}: {e}"[:2000], run.artifact)
+        raise
+    else:
+        status = "cancelled" if run.cancelled else "succeeded"
+        store.finish(run.id, status, run.metrics, run.shape, run.params, None, run.artifact)

@@ -1,0 +1,63 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from compact import runs
+from compact.errors import UserError
+from tests.conftest import ROOT, run_cli
+
+
+def test_store_records_and_survives_reopen(tmp_path):
+    db = tmp_path / "runs.sqlite"
+    store = runs.RunStore(db)
+    with runs.track("prune", "default", {"ffn": 512}, artifact="/x", store=store) as run:
+        run.metrics = {"ppl": 12.5}
+        run.shape = {"layers": 30}
+        run.params = 100
+    with pytest.raises(RuntimeError):
+        with runs.track("distill", "default", store=store):
+            raise RuntimeError("out of memory")
+    with runs.track("distill", "other", store=store) as run:
+        run.cancelled = True
+    reopened = runs.RunStore(db)
+    rows = {r["id"]: r for r in reopened.list()}
+    assert [r["status"] for r in sorted(rows.values(), key=lambda r: r["id"])] == ["succeeded", "failed", "cancelled"]
+    first = reopened.get(min(rows))
+    assert first["metrics"] == {"ppl": 12.5} and first["shape"] == {"layers": 30} and first["params"] == 100
+    assert first["inputs"] == {"ffn": 512} and first["artifact"] == "/x" and first["finished"] >= first["started"]
+    assert "out of memory" in rows[min(rows) + 1]["error"]
+    assert [r["base_model"] for r in reopened.list(base_model="other")] == ["other"]
+
+
+def test_user_error_leaves_store_unchanged(tmp_path):
+    store = runs.RunStore(tmp_path / "r.sqlite")
+    with pytest.raises(UserError):
+        with runs.track("prune", "default", store=store):
+            raise UserError("bad target")
+    assert store.list() == []
+
+
+def test_killed_process_is_recorded_as_crashed(tmp_path):
+    db = tmp_path / "runs.sqlite"
+    code = ("import os, sys; from compact import runs; s = runs.RunStore(sys.argv[1]); "
+            "s.start('distill', 'default', {}); os._exit(9)")
+    proc = subprocess.run([sys.executable, "-c", code, str(db)], cwd=ROOT)
+    assert proc.returncode == 9
+    rows = runs.RunStore(db).list()
+    assert len(rows) == 1 and rows[0]["status"] == "crashed"
+
+
+def test_cli_jobs_are_recorded(tmp_path, tiny_checkpoint):
+    env = {"COMPACT_RUNS_DB": str(tmp_path / "cli.sqlite")}
+    ckpt = str(tiny_checkpoint("llama"))
+    ok = run_cli("eval", "--model", ckpt, "--tokens", "256", "--seq-len", "32", env=env)
+    assert ok.returncode == 0, ok.stderr
+    bad = run_cli("eval", "--model", ckpt, "--data", str(tmp_path / "missing.txt"), env=env)
+    assert bad.returncode == 2
+    listed = run_cli("runs", "--json", env=env)
+    rows = json.loads(listed.stdout.strip().splitlines()[-1])["runs"]
+    assert len(rows) == 1
+    assert rows[0]["kind"] == "eval" and rows[0]["status"] == "succeeded" and rows[0]["base_model"] == ckpt
+    assert rows[0]["metrics"]["tokens"] == 256
