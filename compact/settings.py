@@ -1,0 +1,79 @@
+"""Server settings, read once from the environment (documented in the README).
+
+Everything that an operator of a public deployment may want to change lives here, with safe
+defaults: remote code and pickle weights never load unless switched on.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from compact.errors import UserError
+
+
+def _flag(name: str, default: bool = False) -> bool:
+    value = os.environ.get(name)
+    if value is None:
+        return default
+    return value.strip().lower() in ("1", "true", "yes", "on")
+
+
+def _int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    if value is None or not value.strip():
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise UserError(f"{name} must be an integer, got '{value}'") from None
+
+
+@dataclass(frozen=True)
+class Settings:
+    host: str = "127.0.0.1"
+    port: int = 7860
+    data_dir: Path = Path("data")
+    queue_size: int = 16  # pending requests beyond this are refused with a clear message
+    gpu_concurrency: int = 1  # heavy jobs (importance, prune, distill, sparsify) at once
+    max_upload_mb: int = 200
+    auth: tuple[str, str] | None = None  # "user:password" in COMPACT_AUTH
+    allow_remote_code: bool = False
+    allow_pickle: bool = False
+    allowed_dirs: tuple[Path, ...] = field(default_factory=tuple)  # local model/data folders users may name
+    max_age_hours: int = 72  # artifacts older than this are cleaned
+    disk_quota_gb: int = 20  # and the oldest are cleaned beyond this
+    model_cache_gb: float = 4.0  # memory bound of the shared model cache
+
+
+def load() -> Settings:
+    auth = os.environ.get("COMPACT_AUTH")
+    if auth and ":" not in auth:
+        raise UserError("COMPACT_AUTH must be user:password")
+    data_dir = Path(os.environ.get("COMPACT_DATA", "data")).resolve()
+    extra = [Path(p).expanduser().resolve() for p in os.environ.get("COMPACT_ALLOWED_DIRS", "").split(":") if p]
+    return Settings(
+        host=os.environ.get("COMPACT_HOST", "127.0.0.1"),
+        port=_int("COMPACT_PORT", 7860),
+        data_dir=data_dir,
+        queue_size=_int("COMPACT_QUEUE_SIZE", 16),
+        gpu_concurrency=_int("COMPACT_GPU_CONCURRENCY", 1),
+        max_upload_mb=_int("COMPACT_MAX_UPLOAD_MB", 200),
+        auth=tuple(auth.split(":", 1)) if auth else None,
+        allow_remote_code=_flag("COMPACT_ALLOW_REMOTE_CODE"),
+        allow_pickle=_flag("COMPACT_ALLOW_PICKLE"),
+        allowed_dirs=(data_dir, *extra),
+        max_age_hours=_int("COMPACT_MAX_AGE_HOURS", 72),
+        disk_quota_gb=_int("COMPACT_DISK_QUOTA_GB", 20),
+        model_cache_gb=float(os.environ.get("COMPACT_MODEL_CACHE_GB", "4")),
+    )
+
+
+def safe_path(path: str, allowed: tuple[Path, ...]) -> Path:
+    """Resolve a user-given path (symlinks and .. included); it must stay inside an allowed folder."""
+    resolved = Path(path).expanduser().resolve()
+    for root in allowed:
+        if resolved == root or root in resolved.parents:
+            return resolved
+    raise UserError(f"'{path}' is outside the folders this server allows")
