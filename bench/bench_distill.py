@@ -1,0 +1,192 @@
+"""Cost of a distillation step against a plain cross-entropy step of the same student.
+
+    .venv/bin/python bench/bench_distill.py [--device cpu|cuda] [--batch B] [--seq-len L]
+                                            [--keep-layers N] [--steps N] [--out FILE]
+
+Teacher: the default model (SmolLM2-135M). Student: the same model with only its first
+--keep-layers layers (18 of 30: about 92M parameters, the issue's "~90M"), built by depth
+pruning (compact.prune, no scores needed). Each mode is one full training step on the same
+batch: forward, backward, AdamW step; fp32 master weights, bf16 autocast on CUDA.
+  plain:      the student's own forward with labels (transformers' loss on full logits)
+  ce_chunked: compact's student module, cross-entropy only, logits in chunks
+  distill:    teacher forward (no grad) + student, KL(teacher||student) with chunked logits
+The issue's goal: distill at most 1.3x the time of plain. Modes alternate step by step so that
+load from other processes hits them alike; the ratio is the median of per-round ratios.
+Peak memory: CUDA max_memory_allocated per mode; on CPU each mode runs in its own process
+and reports its peak resident set (ru_maxrss) less the resident set before the first step.
+Defaults: CUDA batch 24 x 1024 tokens (the issue's set-up); CPU batch 2 x 256.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from compact import data, distill, models, prune  # noqa: E402
+
+MODES = ("plain", "ce_chunked", "distill")
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
+
+
+def setup(args):
+    device = models.pick_device(args.device)
+    teacher = models.load("default", device=str(device))  # bf16 on CUDA, fp32 on CPU
+    layers = teacher.shape.layers
+    student_model = prune.trim(teacher.model, None, drop_layers=list(range(args.keep_layers, layers)))
+    student_model.to(device=device, dtype=torch.float32).train()
+    cfg = distill.DistillConfig(teacher="default", student=f"default[:{args.keep_layers}]", out="-",
+                                seq_len=args.seq_len, batch=args.batch, chunk=args.chunk)
+    module = distill.DistillModule(student_model, teacher.arch, cfg, teacher.shape)
+    optimizer = torch.optim.AdamW(module.parameters(), lr=1e-5, fused=device.type == "cuda")
+    ids = data.blocks("builtin", teacher.tokenizer, "train", args.batch, args.seq_len).to(device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    teacher.model.eval()
+
+    def plain():
+        with autocast:
+            loss = student_model(input_ids=ids, labels=ids, use_cache=False).loss
+        loss.backward()
+
+    def ce_chunked():
+        with autocast:
+            loss = module(ids, None, kd_weight=0.0, ce_weight=1.0)["loss"]
+        loss.backward()
+
+    def distill_step():
+        t_out = distill.teacher_forward(teacher.model, teacher.arch, ids)
+        with autocast:
+            loss = module(ids, t_out, kd_weight=1.0, ce_weight=0.0)["loss"]
+        loss.backward()
+
+    def step(fn):
+        def run():
+            fn()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        return run
+
+    steps = {"plain": step(plain), "ce_chunked": step(ce_chunked), "distill": step(distill_step)}
+    params = sum(p.numel() for p in student_model.parameters())
+    return device, teacher, steps, params
+
+
+def timed(fn, device) -> float:
+    sync(device)
+    start = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - start
+
+
+def memory_child(args) -> None:
+    """One mode in this process: print its peak memory as JSON."""
+    device, _, steps, _ = setup(args)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        steps[args.mode]()
+        steps[args.mode]()
+        sync(device)
+        print(json.dumps({"peak_bytes": torch.cuda.max_memory_allocated(device) - base}))
+        return
+    base = rss_bytes()
+    steps[args.mode]()
+    steps[args.mode]()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps({"peak_bytes": peak - base}))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--batch", type=int, default=None)
+    parser.add_argument("--seq-len", type=int, default=None)
+    parser.add_argument("--keep-layers", type=int, default=18)
+    parser.add_argument("--chunk", type=int, default=distill.DistillConfig.chunk)
+    parser.add_argument("--steps", type=int, default=None, help="timed rounds (each mode once)")
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "distill.json"))
+    parser.add_argument("--mode", choices=MODES, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    cuda = models.pick_device(args.device).type == "cuda"
+    args.batch = args.batch or (24 if cuda else 2)
+    args.seq_len = args.seq_len or (1024 if cuda else 256)
+    args.steps = args.steps or (20 if cuda else 4)
+    if args.mode:
+        memory_child(args)
+        return 0
+
+    device, teacher, steps, params = setup(args)
+    tokens = args.batch * args.seq_len
+    for fn in steps.values():  # warm-up: allocator, kernels, optimizer state
+        fn()
+    times = {m: [] for m in MODES}
+    for _ in range(args.steps):
+        for m in MODES:
+            times[m].append(timed(steps[m], device))
+    ratios = [d / p for d, p in zip(times["distill"], times["plain"])]
+    ratios_ce = [c / p for c, p in zip(times["ce_chunked"], times["plain"])]
+    del steps
+    peaks = {}
+    for m in MODES:  # separate processes: peak resident memory cannot be reset in one
+        cmd = [sys.executable, __file__, "--mode", m, "--batch", str(args.batch), "--seq-len",
+               str(args.seq_len), "--keep-layers", str(args.keep_layers), "--chunk", str(args.chunk)]
+        if args.device:
+            cmd += ["--device", args.device]
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        peaks[m] = json.loads(proc.stdout.strip().splitlines()[-1])["peak_bytes"]
+
+    result = {
+        "device": device_name(device),
+        "torch": torch.__version__,
+        "teacher": "SmolLM2-135M-Instruct (default)",
+        "teacher_params": sum(p.numel() for p in teacher.model.parameters()),
+        "student_params": params,
+        "student_layers": args.keep_layers,
+        "batch": args.batch, "seq_len": args.seq_len, "chunk": args.chunk, "rounds": args.steps,
+        "precision": "bf16 autocast, fp32 master weights" if device.type == "cuda" else "fp32",
+        "modes": {m: {"step_s_median": statistics.median(times[m]),
+                      "tokens_per_s": tokens / statistics.median(times[m]),
+                      "peak_memory_mb": peaks[m] / 2**20} for m in MODES},
+        "summary": {
+            "distill_tokens_per_s": tokens / statistics.median(times["distill"]),
+            "plain_ce_tokens_per_s": tokens / statistics.median(times["plain"]),
+            "distill_over_plain_time": statistics.median(ratios),
+            "chunked_ce_over_plain_time": statistics.median(ratios_ce),
+            "distill_peak_mb": peaks["distill"] / 2**20,
+            "plain_peak_mb": peaks["plain"] / 2**20,
+        },
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2))
+    print(json.dumps(result["summary"], indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,314 @@
+"""Distillation: chunked losses against full-logit references, exact resume, the CLI's checks."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from compact import distill, losses, models
+from compact.arch import for_model
+from tests.conftest import FAMILIES, run_cli
+
+
+# -- losses ----------------------------------------------------------------------------------
+
+def _reference_kd(zs, zt, temperature):
+    log_q = F.log_softmax(zs / temperature, -1)
+    log_p = F.log_softmax(zt / temperature, -1)
+    kl = F.kl_div(log_q.reshape(-1, zs.size(-1)), log_p.reshape(-1, zs.size(-1)), log_target=True,
+                  reduction="sum")
+    return kl * temperature ** 2 / zs[..., 0].numel()
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 7, 1000])
+def test_kd_loss_chunks_equal_full_logits(chunk):
+    gen = torch.Generator().manual_seed(0)
+    zt = torch.randn(2, 7, 50, generator=gen, dtype=torch.float64) * 3
+    zs = torch.randn(2, 7, 50, generator=gen, dtype=torch.float64, requires_grad=True)
+    ref = _reference_kd(zs, zt, 2.0)
+    (g_ref,) = torch.autograd.grad(ref, zs)
+    got = losses.kd_loss(zs, zt, temperature=2.0, chunk=chunk)
+    (g_got,) = torch.autograd.grad(got * 1.0, zs)
+    assert torch.allclose(got.double(), ref, rtol=1e-5, atol=1e-7)
+    assert torch.allclose(g_got, g_ref, rtol=1e-5, atol=1e-9)
+
+
+def test_kd_loss_of_identical_logits_is_zero():
+    z = torch.randn(3, 5, 40)
+    assert losses.kd_loss(z.clone().requires_grad_(), z, 1.5).item() == 0.0
+
+
+@pytest.mark.parametrize("chunk", [1, 4, 64])
+def test_head_losses_chunked_equal_full_logits(chunk):
+    """KD + CE from hidden states, chunk by chunk, equals the full-logit computation: values and
+    the gradients for the student's states, head weight and bias."""
+    gen = torch.Generator().manual_seed(1)
+    n, hs, ht, v, temp, kw, cw = 11, 6, 9, 37, 2.0, 0.7, 0.4
+    h = torch.randn(n, hs, generator=gen, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(v, hs, generator=gen, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(v, generator=gen, dtype=torch.float64, requires_grad=True)
+    th, tw = torch.randn(n, ht, generator=gen, dtype=torch.float64), torch.randn(v, ht, generator=gen, dtype=torch.float64)
+    labels = torch.randint(0, v, (n,), generator=gen)
+    labels[2] = losses.IGNORE_INDEX
+
+    zs = h @ w.T + b
+    ref_kd = _reference_kd(zs, th @ tw.T, temp)
+    ref_ce = F.cross_entropy(zs, labels, ignore_index=losses.IGNORE_INDEX)
+    ref = kw * ref_kd + cw * ref_ce
+    ref_grads = torch.autograd.grad(ref, (h, w, b))
+
+    total, kd, ce = losses.head_losses(h, w, b, labels, th, tw, None, temp, kw, cw, chunk)
+    grads = torch.autograd.grad(total, (h, w, b))
+    assert torch.allclose(kd.double(), ref_kd, rtol=1e-5) and torch.allclose(ce.double(), ref_ce, rtol=1e-5)
+    assert torch.allclose(total.double(), ref, rtol=1e-5)
+    for got, want in zip(grads, ref_grads):
+        assert torch.allclose(got, want, rtol=1e-5, atol=1e-8)
+    assert not kd.requires_grad and not ce.requires_grad
+
+
+def test_head_losses_without_teacher_is_cross_entropy_and_no_grad_in_eval():
+    h, w = torch.randn(5, 4), torch.randn(20, 4)
+    labels = torch.randint(0, 20, (5,))
+    with torch.no_grad():
+        total, kd, ce = losses.head_losses(h, w, None, labels, kd_weight=1.0, ce_weight=0.0)
+    assert kd.item() == 0.0 and torch.allclose(ce, F.cross_entropy(h @ w.T, labels))
+
+
+def test_state_pairs_end_on_the_final_norm():
+    assert losses.state_pairs(4, 4) == [(1, 1), (2, 2), (3, 3), (4, 4)]
+    assert losses.state_pairs(2, 6) == [(1, 3), (2, 6)]
+    # depth-pruned student: block inputs pair with the teacher blocks they came from
+    assert distill.state_pairs(3, 6, kept_layers=[0, 2, 5]) == [(1, 2), (2, 5), (3, 6)]
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+    """60k characters of the Python reference (fast to tokenize, unlike the whole builtin corpus)."""
+    import pydoc_data.topics as topics
+
+    path = tmp_path_factory.mktemp("distill-text") / "text.txt"
+    path.write_text("\n\n".join(topics.topics[k] for k in sorted(topics.topics))[:60_000])
+    return path
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_student_module_cross_entropy_equals_the_models_own_loss(family, make_model):
+    """The chunked head on the base model's final states gives the full model's logits' loss,
+    in every family (this is what lets the losses skip the models' own LM-head call)."""
+    from compact import evaluate
+
+    model = make_model(family, seed=0)
+    cfg = distill.DistillConfig(teacher="t", student="s", out="-", chunk=5)
+    module = distill.DistillModule(model, for_model(model), cfg)
+    ids = torch.randint(0, model.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
+    got = distill.validation_loss(_NoAccelerator(), module, ids, batch=2)
+    assert abs(got - evaluate.loss_on(model, ids)) < 1e-5
+
+
+class _NoAccelerator:
+    device = torch.device("cpu")
+
+
+# -- the loop ----------------------------------------------------------------------------------
+
+def _loaded(model, tokenizer, ref, meta=None):
+    return models.Loaded(model, tokenizer, for_model(model), ref, meta or {})
+
+
+def _with_dropout(model, p=0.1):
+    """Attention dropout makes the run depend on the RNG, so exact resume must restore it."""
+    for block in model.model.layers:
+        block.self_attn.attention_dropout = p
+    return model
+
+
+def _config(pair, out, **kw):
+    base = dict(teacher="tiny-teacher", student="tiny-student", data=str(pair[2]), out=str(out),
+                tokens=4 * 2 * 2 * 32, seq_len=32, batch=2, grad_accum=2, lr=1e-3, warmup_steps=2,
+                ce_weight=0.5, hidden_weight=1.0, temperature=2.0, eval_tokens=64, chunk=16,
+                checkpoint_every=0, weight_decay=0.01)
+    return distill.DistillConfig(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def pair(make_model, tokenizer, text_file):
+    """(teacher, student, data): a tiny teacher and a narrower, shallower student."""
+    teacher = make_model("llama", seed=0)
+    student = _with_dropout(make_model("llama", seed=1, layers=2, hidden=32, ffn=64, heads=2, kv_heads=1))
+    return teacher, student, text_file
+
+
+def _run(cfg, pair, tokenizer, **kw):
+    teacher, student, _ = pair
+    return distill.run(cfg, teacher=_loaded(teacher, tokenizer, "tiny-teacher"),
+                       student=_loaded(copy.deepcopy(student), tokenizer, "tiny-student"), **kw)
+
+
+def _weights(folder):
+    return load_file(str(folder / "model.safetensors"))
+
+
+def _steps(folder):
+    return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_interrupted_and_resumed_run_ends_bit_identical(tmp_path, pair, tokenizer):
+    """Uninterrupted vs cancelled at step 2 + resumed vs crashed after the step-2 checkpoint +
+    resumed: the same weights (torch.equal, every tensor) and the same per-step losses."""
+    full = _run(_config(pair, tmp_path / "full"), pair, tokenizer)
+    assert full["status"] == "done" and full["steps"] == 4
+
+    cut = tmp_path / "cut"
+    part = _run(_config(pair, cut), pair, tokenizer, should_stop=lambda: len(_steps(cut)) >= 2)
+    assert part["status"] == "cancelled" and part["steps"] == 2
+    assert (cut / "checkpoint" / "progress.json").exists() and not (cut / "model.safetensors").exists()
+    resumed = _run(_config(pair, cut, resume=True), pair, tokenizer)
+    assert resumed["status"] == "done" and resumed["steps"] == 4
+
+    crash = tmp_path / "crash"
+
+    def die_at_3(event):
+        if event.get("kind") == "step" and event["step"] == 3:
+            raise RuntimeError("simulated crash")
+
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        _run(_config(pair, crash, checkpoint_every=2), pair, tokenizer, on_event=die_at_3)
+    assert len(_steps(crash)) == 3  # step 3 was logged after the step-2 checkpoint
+    _run(_config(pair, crash, checkpoint_every=2, resume=True), pair, tokenizer)
+
+    want = _weights(tmp_path / "full")
+    for folder in (cut, crash):
+        got = _weights(folder)
+        assert got.keys() == want.keys()
+        for name in want:
+            assert torch.equal(got[name], want[name]), (folder.name, name)
+        assert [s["loss"] for s in _steps(folder)] == [s["loss"] for s in _steps(tmp_path / "full")]
+        assert not (folder / "checkpoint").exists()
+    assert resumed["val_loss_after"] == full["val_loss_after"]
+    meta = json.loads((tmp_path / "full" / "compact.json").read_text())
+    assert meta["teacher"] == "tiny-teacher" and meta["tokens"] == 4 * 2 * 2 * 32
+    assert meta["hyperparameters"]["temperature"] == 2.0 and meta["validation"]["ppl_after"] > 1
+
+
+def test_student_equal_to_teacher_has_zero_kl(tmp_path, pair, tokenizer):
+    teacher, _, _ = pair
+    events = []
+    cfg = _config(pair, tmp_path / "same", tokens=2 * 2 * 2 * 32, ce_weight=0.0, hidden_weight=1.0)
+    distill.run(cfg, teacher=_loaded(teacher, tokenizer, "t"),
+                student=_loaded(copy.deepcopy(teacher), tokenizer, "s"), on_event=events.append)
+    first = next(e for e in events if e["kind"] == "step")
+    assert first["kd"] < 1e-6 and first["hidden"] < 1e-10  # measured before the first update
+    assert all(not p.requires_grad or p.grad is None for p in teacher.parameters())
+
+
+def test_run_checks_its_inputs(tmp_path, pair, tokenizer, make_model):
+    teacher, student, _ = pair
+    t = _loaded(teacher, tokenizer, "t")
+    with pytest.raises(models.UserError, match="token budget"):
+        distill.run(_config(pair, tmp_path / "a", tokens=0), teacher=t, student=_loaded(student, tokenizer, "s"))
+    with pytest.raises(models.UserError, match="do not fill one optimizer step"):
+        distill.run(_config(pair, tmp_path / "b", tokens=64), teacher=t, student=_loaded(student, tokenizer, "s"))
+    other = make_model("llama", seed=2, layers=1)
+    other.resize_token_embeddings(len(tokenizer) + 8)
+    with pytest.raises(models.UserError, match="vocabularies differ"):
+        distill.run(_config(pair, tmp_path / "c"), teacher=t, student=_loaded(other, tokenizer, "s"))
+
+
+def test_a_few_steps_lower_the_validation_loss_of_a_pruned_model(tmp_path, make_model, tokenizer, text_file):
+    """A tiny model with 2 of its 4 layers cut, distilled for 6 steps toward its teacher. The
+    random teacher is first corrected (fine-tuned on the data, 2408.11796), so that it knows
+    something the pruned student can learn."""
+    from compact import prune
+
+    teacher = make_model("llama", seed=0)
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    pruned, plan = prune.trim_with_plan(teacher, None, drop_layers=[1, 2])
+    student = _loaded(pruned, tokenizer, "pruned", {"kept_layers": plan.layers})
+    out = tmp_path / "d"
+    cfg = distill.DistillConfig(teacher="tiny", student="pruned", data=str(text_file), out=str(out),
+                                tokens=6 * 4 * 32, seq_len=32, batch=4, lr=1e-2, warmup_steps=1,
+                                teacher_correction_steps=12, eval_tokens=512, checkpoint_every=0)
+    result = distill.run(cfg, teacher=_loaded(teacher, tokenizer, "tiny"), student=student)
+    assert result["teacher_val_loss"] < result["val_loss_before"] - 1.0, result  # the correction worked
+    assert result["val_loss_after"] < result["val_loss_before"] - 1.0, result
+    assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())  # caller's teacher
+    assert json.loads((out / "teacher_corrected" / "compact.json").read_text())["steps"] == 12
+    # the saved student reloads in plain transformers with the trained weights
+    from transformers import AutoModelForCausalLM
+
+    again = AutoModelForCausalLM.from_pretrained(out)
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        assert torch.allclose(again(ids).logits, pruned.eval()(ids).logits, atol=1e-5)
+
+
+# -- the command line --------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def cli_files(tmp_path_factory, make_model, tokenizer, text_file):
+    root = tmp_path_factory.mktemp("distill-cli")
+    text = text_file
+    teacher = models.save(make_model("llama", seed=0), tokenizer, root / "teacher", {})
+    student = models.save(make_model("llama", seed=3, layers=2, ffn=64), tokenizer, root / "student", {})
+    wide = make_model("llama", seed=4, layers=1)
+    wide.resize_token_embeddings(len(tokenizer) + 64)
+    vocab = models.save(wide, tokenizer, root / "vocab", {})
+    # The same vocabulary size with two token ids swapped: a different tokenizer.
+    other = models.save(make_model("llama", seed=5, layers=1), tokenizer, root / "othertok", {})
+    spec = json.loads((other / "tokenizer.json").read_text())
+    v = spec["model"]["vocab"]
+    v["Ġthe"], v["Ġand"] = v["Ġand"], v["Ġthe"]
+    (other / "tokenizer.json").write_text(json.dumps(spec))
+    return {"root": root, "text": text, "teacher": teacher, "student": student, "vocab": vocab,
+            "othertok": other}
+
+
+def _distill_args(f, out, *extra):
+    return ["distill", "--teacher", str(f["teacher"]), "--student", str(f["student"]), "--data",
+            str(f["text"]), "--out", str(out), "--tokens", "512", "--seq-len", "32", "--batch", "4",
+            "--eval-tokens", "256", *extra]
+
+
+def test_cli_distills_and_guards_the_output_folder(cli_files):
+    out = cli_files["root"] / "run"
+    proc = run_cli(*_distill_args(cli_files, out, "--ce-weight", "0.5"))
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["status"] == "done" and result["steps"] == 4 and result["tokens"] == 512
+    assert result["val_ppl_before"] > 1 and result["val_ppl_after"] > 1 and result["tokens_per_s"] > 0
+    assert "step 4/4" in proc.stderr and "tok/s" in proc.stderr
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 4
+    models.load(str(out))  # an ordinary checkpoint
+
+    for extra, message in (([], "already holds another run"), (["--resume"], "nothing to resume")):
+        proc = run_cli(*_distill_args(cli_files, out, *extra))
+        assert proc.returncode == 2, proc.stderr
+        assert message in proc.stderr and "Traceback" not in proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("case,message", [
+    ("vocab", "vocabularies differ"),
+    ("othertok", "tokenizer differs"),
+    ("zero", "token budget must be positive"),
+    ("empty-resume", "nothing to resume"),
+])
+def test_cli_bad_inputs_exit_2_with_one_line(cli_files, case, message):
+    f = dict(cli_files)
+    out = f["root"] / f"bad-{case}"
+    extra = []
+    if case in ("vocab", "othertok"):
+        f["student"] = f[case]
+    elif case == "zero":
+        extra = ["--tokens", "0"]
+    else:
+        extra = ["--resume"]
+    proc = run_cli(*_distill_args(f, out, *extra))
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], proc.stderr
