@@ -1,9 +1,10 @@
-"""Serve the compact app: python app.py (host and port from COMPACT_HOST / COMPACT_PORT)."""
+"""Serve the compact app: python app.py (host and port from COMPACT_HOST / COMPACT_PORT).
 
-import os
+Models load lazily, on the first event that needs one, so the page is up in seconds.
+"""
 
 from ui import build_app
+from ui.app import launch
 
 if __name__ == "__main__":
-    build_app().queue().launch(server_name=os.environ.get("COMPACT_HOST", "127.0.0.1"),
-                               server_port=int(os.environ.get("COMPACT_PORT", "7860")))
+    launch(build_app())

@@ -1,4 +1,4 @@
-"""The Gradio app: a thin layer over compact/."""
+"""The Gradio app: a thin layer over compact/, one module per tab."""
 
 from ui.app import build_app
 

@@ -1,49 +1,61 @@
-"""Gradio Blocks app: load a model and generate (the full tabs arrive with the UI issue)."""
+"""The Gradio Blocks app: one tab per step, assembled from the ui/*_tab.py modules."""
 
 from __future__ import annotations
 
+import threading
+import time
+
 import gradio as gr
 
-from compact import evaluate, models
-from compact.errors import UserError
+from compact import cleanup
 
-_CACHE: dict[str, models.Loaded] = {}
+from ui import (compare_tab, distill_tab, export_tab, importance_tab, model_tab, prune_tab,
+                sparsify_tab)
+from ui import state as st
+from ui.common import Ctx
 
-
-def _get(ref: str) -> models.Loaded:
-    ref = (ref or models.DEFAULT_REF).strip()
-    if ref not in _CACHE:
-        _CACHE[ref] = models.load(ref)
-    return _CACHE[ref]
-
-
-def load_model(ref: str):
-    try:
-        return _get(ref).info()
-    except UserError as e:
-        raise gr.Error(str(e)) from None
-
-
-def generate(ref: str, prompt: str, max_new_tokens: int):
-    try:
-        loaded = _get(ref)
-        out = evaluate.generate(loaded.model, loaded.tokenizer, prompt, int(max_new_tokens))
-    except UserError as e:
-        raise gr.Error(str(e)) from None
-    return out["text"], f"{out['tokens_per_s']:.1f} tokens/s"
+TITLE = "compact — shrink a language model"
+CSS = """
+.generation textarea { font-family: ui-monospace, monospace; font-size: 0.9em; }
+"""
 
 
 def build_app() -> gr.Blocks:
-    with gr.Blocks(title="compact") as app:
-        gr.Markdown("# compact\nLoad a causal LM and generate.")
-        ref = gr.Textbox(value=models.DEFAULT_REF, label="Model (Hub id, folder, .gguf or 'default')")
-        load = gr.Button("Load")
-        info = gr.JSON(label="Model")
-        prompt = gr.Textbox(value="The capital of France is", label="Prompt")
-        max_new = gr.Slider(1, 256, value=32, step=1, label="Max new tokens")
-        go = gr.Button("Generate")
-        text = gr.Textbox(label="Generation")
-        speed = gr.Textbox(label="Speed")
-        load.click(load_model, ref, info, api_name="load")
-        go.click(generate, [ref, prompt, max_new], [text, speed], api_name="generate")
+    with gr.Blocks(title="compact", fill_width=True) as app:
+        gr.Markdown(f"# {TITLE}\nLoad a model, see which layers, heads, neurons and channels matter, "
+                    "prune or sparsify it, distill it back toward the original, and compare them.")
+        ctx = Ctx(state=gr.State(st.new_session()))
+        with gr.Tabs():
+            for tab in (model_tab, importance_tab, prune_tab, sparsify_tab, distill_tab, compare_tab,
+                        export_tab):
+                tab.build(ctx)
+        ctx.wire()
     return app
+
+
+def clean_periodically(every_s: float = 1800) -> None:
+    """Drop old session outputs (age and disk quota from the settings), now and then again."""
+    s = st.SETTINGS
+
+    def loop():
+        while True:
+            try:
+                cleanup.clean(st.data_root(), s.max_age_hours, s.disk_quota_gb * 2**30)
+            except OSError as e:  # a folder vanishing under us is not worth stopping the server
+                print(f"cleanup: {e}")
+            time.sleep(every_s)
+
+    threading.Thread(target=loop, name="cleanup", daemon=True).start()
+
+
+def launch(app: gr.Blocks | None = None, **kwargs):
+    """Queue with a bounded size, then serve with the settings' host, port and auth."""
+    s = st.SETTINGS
+    app = app or build_app()
+    clean_periodically()
+    app.queue(max_size=s.queue_size, default_concurrency_limit=4)
+    options = dict(server_name=s.host, server_port=s.port, auth=s.auth, css=CSS,
+                   max_file_size=f"{s.max_upload_mb}mb", allowed_paths=[str(st.data_root())],
+                   show_error=True)
+    options.update(kwargs)
+    return app.launch(**options)

@@ -1,0 +1,106 @@
+"""The app's responsiveness on the default model: cold start, importance, the Prune readout.
+
+    .venv/bin/python bench/bench_app.py [--out bench/results/app.json]
+
+cold start: from spawning `python app.py` to the page answering (HTTP 200), then the first
+Load of the default model through gradio_client. importance: the Importance tab with its
+default calibration size (32 samples x 256 tokens, builtin data), end to end through the
+server, twice (the first call also tokenizes the builtin corpus). readout: the Prune tab's size
+table and its keep/drop heatmaps for one target, in-process, per call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+
+def device_name() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def serve_timed(tmp: Path):
+    """Start the app and time it to the first HTTP 200 of the page."""
+    from app_server import serve
+
+    start = time.perf_counter()
+    ctx = serve(tmp)
+    url = ctx.__enter__()
+    with urllib.request.urlopen(url, timeout=10) as r:
+        assert r.status == 200
+    return ctx, url, time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "app.json"))
+    args = parser.parse_args()
+
+    from gradio_client import Client
+
+    from compact import importance, models
+    from ui import importance_tab, prune_tab
+
+    result: dict = {"device": device_name()}
+    with tempfile.TemporaryDirectory() as tmp:
+        ctx, url, page_s = serve_timed(Path(tmp))
+        try:
+            client = Client(url, verbose=False)
+            t = time.perf_counter()
+            client.predict("default", api_name="/load")
+            load_s = time.perf_counter() - t
+            runs = []
+            for _ in range(2):
+                t = time.perf_counter()
+                client.predict("builtin", importance_tab.DEFAULT_SAMPLES, importance_tab.DEFAULT_SEQ_LEN,
+                               "l2", "mean", False, api_name="/importance")
+                runs.append(time.perf_counter() - t)
+        finally:
+            ctx.__exit__(None, None, None)
+
+    loaded = models.load("default")
+    base = loaded.shape
+    n = 200
+    t = time.perf_counter()
+    for i in range(n):
+        prune_tab.readout(base, 30 - i % 10, 576 - 64 * (i % 3), 1536 - 128 * (i % 5), 9 - 3 * (i % 2))
+    readout_ms = (time.perf_counter() - t) / n * 1e3
+    from compact import data
+
+    blocks = data.blocks("builtin", loaded.tokenizer, "calibration", 4, 64)
+    scores = importance.estimate(loaded.model, blocks)
+    state = {"ref": "default", "scores": scores, "outputs": []}
+    t = time.perf_counter()
+    for _ in range(5):
+        prune_tab.heatmaps(state, base, 24, 384, 1024, 6, "bi")
+    heatmaps_ms = (time.perf_counter() - t) / 5 * 1e3
+
+    result["summary"] = {
+        "cold start to page (s)": round(page_s, 2),
+        "first model load through the app (s)": round(load_s, 2),
+        "importance 32x256, first call (s)": round(runs[0], 2),
+        "importance 32x256, second call (s)": round(runs[1], 2),
+        "prune readout per change (ms)": round(readout_ms, 3),
+        "prune keep/drop heatmaps per change (ms)": round(heatmaps_ms, 1),
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

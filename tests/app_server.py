@@ -1,0 +1,56 @@
+"""The real app (python app.py) in a subprocess on a free port, for test_app and test_browser."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def serve(tmp: Path, timeout: float = 180):
+    """Yield the URL of a freshly started app whose data and runs store live under tmp."""
+    port = free_port()
+    env = {**os.environ, "COMPACT_HOST": "127.0.0.1", "COMPACT_PORT": str(port),
+           "COMPACT_DATA": str(tmp / "data"), "COMPACT_RUNS_DB": str(tmp / "runs.sqlite"),
+           "GRADIO_ANALYTICS_ENABLED": "False"}
+    log = open(tmp / "server.log", "w")
+    proc = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=env, stdout=log,
+                            stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    start = time.time()
+    try:
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"the app exited with {proc.returncode}: "
+                                   f"{(tmp / 'server.log').read_text()[-2000:]}")
+            try:
+                with urllib.request.urlopen(url, timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.time() - start > timeout:
+                raise RuntimeError("the app did not answer in time")
+            time.sleep(0.5)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()

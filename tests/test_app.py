@@ -1,0 +1,166 @@
+"""The real app (python app.py) driven through gradio_client on the default model.
+
+One server and one client session for the module: load, importance, prune, generate, compare,
+sparsify, distill, export; then bad inputs, which must come back as errors while the server
+keeps serving, and a cancelled job.
+"""
+
+from __future__ import annotations
+
+import math
+import zipfile
+from pathlib import Path
+
+import pytest
+from gradio_client import Client
+from gradio_client.exceptions import AppError
+
+from app_server import serve
+from compact import models, shapes
+from ui import prune_tab
+
+PROMPT = "The capital of France is"
+
+
+@pytest.fixture(scope="module")
+def client(tmp_path_factory):
+    with serve(tmp_path_factory.mktemp("app")) as url:
+        yield Client(url, verbose=False)
+
+
+@pytest.fixture(scope="module")
+def base_shape():
+    return models.load("default").shape
+
+
+@pytest.fixture(scope="module")
+def flow(client):
+    """Load, importance and prune once; later tests reuse what this session made."""
+    card, info = client.predict("default", api_name="/load")
+    plots = client.predict("builtin", 4, 64, "l2", "mean", False, api_name="/importance")
+    pruned, message = client.predict(24, 384, 1024, 6, "bi", "builtin", 512, api_name="/prune")
+    return {"card": card, "info": info, "importance": plots, "pruned": pruned, "prune_message": message}
+
+
+def test_load_gives_the_model_card(flow, base_shape):
+    info = flow["info"]
+    assert (info["family"], info["layers"], info["hidden"], info["heads"], info["kv_heads"], info["ffn"]) == \
+        ("llama", 30, 576, 9, 3, 1536)
+    assert info["params"] == shapes.count_params(base_shape) == 134_515_008
+    assert "134.52 M" in flow["card"]
+
+
+def test_importance_scores_have_the_model_shape(flow):
+    *figures, summary, status, = flow["importance"]
+    assert summary["heads"] == [30, 9] and summary["neurons"] == [30, 1536]
+    assert summary["channels"] == [576] and summary["channels_per_layer"] == [30, 576]
+    assert summary["layers_bi"] == [30] and summary["layers_ppl"] is None
+    assert summary["meta"]["samples"] == 4 and summary["meta"]["seq_len"] == 64
+    saved = status.split("`")[1]
+    assert Path(saved).is_file()
+    assert all(f is not None for f in figures)
+
+
+def test_prune_gives_the_target_shape_and_count(flow, base_shape):
+    result = flow["pruned"]
+    target = base_shape.with_targets(layers=24, hidden=384, ffn=1024, heads=6)
+    assert result["shape"]["layers"] == 24 and result["shape"]["hidden"] == 384
+    assert result["shape"]["ffn"] == 1024 and result["shape"]["heads"] == 6
+    assert result["params"] == target.params  # the real model's count equals compact.shapes'
+    assert result["source_params"] == base_shape.params
+    assert len(result["dropped_layers"]) == 6
+    assert math.isfinite(result["ppl_before"]) and math.isfinite(result["ppl_after"])
+    assert result["ppl_after"] > result["ppl_before"]  # one-shot pruning without distillation hurts
+    assert (Path(result["out"]) / "config.json").is_file()
+    # the Prune tab's readout is arithmetic on the same counts
+    assert prune_tab.readout(base_shape, 24, 384, 1024, 6).count(f"{target.params / 1e6:.2f} M") == 1
+
+
+def test_generate_and_compare_both_models(client, flow):
+    text, speed = client.predict("default", PROMPT, 8, 0, 0, False, api_name="/generate")
+    assert "Paris" in text and "tokens/s" in speed
+    out = flow["pruned"]["out"]
+    result = client.predict("default", out, None, None, PROMPT, 8, 0, 1, 0, False, True, "builtin", 512,
+                            api_name="/compare")
+    texts, speeds, table, summary = result[:4], result[4:8], result[8], result[9]
+    assert texts[0] == text  # same prompt, settings and seed: the same greedy continuation
+    assert texts[1].strip() and not texts[2] and not texts[3]
+    assert "tokens/s" in speeds[0] and "tokens/s" in speeds[1]
+    rows = summary["models"]
+    assert [r["model"] for r in rows] == ["default", out]
+    assert rows[1]["params"] == flow["pruned"]["params"]
+    assert all(math.isfinite(r["ppl"]) and r["new_tokens"] == 8 for r in rows)
+    assert len(table["data"]) == 2
+    assert rows[0]["ppl"] == pytest.approx(flow["pruned"]["ppl_before"], rel=1e-4)  # same blocks
+
+
+def test_sparsify_magnitude_is_exactly_two_four(client):
+    per_layer, loss, flips, result, message = client.predict(
+        "magnitude", "2:4", "builtin", 4, 64, 512, 512, 4, 1e-4, 0, 10, False, api_name="/sparsify")
+    assert result["pattern_ok"] is True and result["layers_not_ok"] == []
+    assert result["sparsity"] == pytest.approx(0.5, abs=1e-3)
+    assert math.isfinite(result["ppl_after"])
+    assert "exact" in message
+
+
+def test_distill_a_few_steps(client, flow):
+    out = flow["pruned"]["out"]
+    loss, message, result = client.predict("default", out, "builtin", 512, 64, 2, 1e-4, 1.0, 1.0, 0.0, 0.0,
+                                           False, 512, api_name="/distill")
+    assert result["status"] == "done" and result["steps"] == 4
+    assert math.isfinite(result["loss"]) and math.isfinite(result["val_ppl_after"])
+    assert (Path(result["out"]) / "model.safetensors").is_file()
+
+
+def test_export_command_and_zip(client, flow):
+    out = flow["pruned"]["out"]
+    command, what = client.predict(out, api_name="/export_command")
+    assert "python -m compact importance --model default" in command
+    assert "python -m compact prune --model default" in command
+    assert "--layers 24 --hidden 384 --ffn 1024 --heads 6" in command
+    archive = client.predict(out, api_name="/export_zip")
+    names = zipfile.ZipFile(archive).namelist()
+    assert any(n.endswith("config.json") for n in names) and any(n.endswith(".safetensors") for n in names)
+
+
+def test_bad_inputs_are_errors_and_the_server_keeps_serving(client, flow):
+    with pytest.raises(AppError, match="outside the folders"):
+        client.predict("/etc", api_name="/load")
+    with pytest.raises(AppError, match="not a folder, a .gguf file or a Hub id"):
+        client.predict("no such model!", api_name="/load")
+    with pytest.raises(AppError, match="multiple of the 3 KV heads"):
+        client.predict(30, 576, 1536, 4, "bi", "builtin", 512, api_name="/prune")
+    with pytest.raises(AppError, match="own shape"):
+        client.predict(30, 576, 1536, 9, "bi", "builtin", 512, api_name="/prune")
+    with pytest.raises(AppError, match="prompt is empty"):
+        client.predict("default", None, None, None, "", 8, 0, 1, 0, False, False, "builtin", 512,
+                       api_name="/compare")
+    with pytest.raises(AppError, match="unknown data source"):
+        client.predict("nowhere", 4, 64, "l2", "mean", False, api_name="/importance")
+    with pytest.raises(AppError, match="pattern"):
+        client.predict("magnitude", "3:2", "builtin", 4, 64, 512, 512, 4, 1e-4, 0, 10, False,
+                       api_name="/sparsify")
+    with pytest.raises(AppError, match="token"):
+        client.predict(flow["pruned"]["out"], "me/model", "", True, api_name="/push")
+    # offline here: a clear error; with a network (CI) the fake token fails at the Hub instead
+    with pytest.raises(AppError, match="cannot reach the Hugging Face Hub|upload to me/model failed"):
+        client.predict(flow["pruned"]["out"], "me/model", "hf_not_a_token", True, api_name="/push")
+    card, info = client.predict("default", api_name="/load")
+    assert info["layers"] == 30
+
+
+def test_cancel_stops_a_running_job(client):
+    job = client.submit("builtin", 64, 256, "l2", "mean", True, api_name="/importance")
+    for _ in range(600):
+        reply = client.predict(api_name="/cancel")
+        if reply.startswith("Stopping"):
+            break
+        if job.done():
+            pytest.fail("the job ended before it could be cancelled")
+        import time
+        time.sleep(0.05)
+    else:
+        pytest.fail("the job never started")
+    with pytest.raises(AppError, match="cancelled"):
+        job.result(timeout=300)
+    assert client.predict(api_name="/cancel") == "No job is running."

@@ -1,0 +1,205 @@
+"""Debian's Chromium, headless, drives the real app by clicking: load, importance, prune, compare.
+
+Chromium is driven through the DevTools protocol over a pipe (--remote-debugging-pipe: JSON
+messages separated by NUL bytes on file descriptors 3 and 4), so nothing but the standard
+library and the browser is needed, and nothing downloads a browser.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from app_server import ROOT, serve
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+SHOTS = ROOT / "out" / "test_browser"
+
+pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed "
+                                "(make browser installs it as root); the browser test needs it")
+
+
+class Browser:
+    """Just enough of the DevTools protocol: evaluate JavaScript, wait, take screenshots."""
+
+    def __init__(self, url: str, width: int = 1400, height: int = 1000):
+        self.profile = tempfile.mkdtemp(prefix="chromium-")
+        cmd_r, cmd_w = os.pipe()  # we write commands, chromium reads fd 3
+        res_r, res_w = os.pipe()  # chromium writes fd 4, we read
+
+        def child_fds():  # in the child: the pipe ends become fds 3 and 4, kept across exec
+            a, b = os.dup(cmd_r), os.dup(res_w)  # first out of the way of 3 and 4
+            os.dup2(a, 3)
+            os.dup2(b, 4)
+
+        self.proc = subprocess.Popen(
+            [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             "--disable-dev-shm-usage", f"--user-data-dir={self.profile}", "--remote-debugging-pipe",
+             f"--window-size={width},{height}", url],
+            preexec_fn=child_fds, close_fds=False, stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL)
+        os.close(cmd_r)
+        os.close(res_w)
+        self.out, self.inp = os.fdopen(cmd_w, "wb"), os.fdopen(res_r, "rb")
+        self.next_id, self.buffer = 0, b""
+        page = next(t for t in self.call("Target.getTargets")["targetInfos"] if t["type"] == "page")
+        self.session = self.call("Target.attachToTarget", targetId=page["targetId"], flatten=True)["sessionId"]
+        self.call("Runtime.enable", session=True)
+
+    def call(self, method: str, session: bool = False, **params) -> dict:
+        self.next_id += 1
+        msg = {"id": self.next_id, "method": method, "params": params}
+        if session:
+            msg["sessionId"] = self.session
+        self.out.write(json.dumps(msg).encode() + b"\0")
+        self.out.flush()
+        while True:
+            while b"\0" not in self.buffer:
+                chunk = os.read(self.inp.fileno(), 1 << 16)
+                if not chunk:
+                    raise RuntimeError("chromium closed the pipe")
+                self.buffer += chunk
+            raw, self.buffer = self.buffer.split(b"\0", 1)
+            reply = json.loads(raw)
+            if reply.get("id") == self.next_id:
+                if "error" in reply:
+                    raise RuntimeError(f"{method}: {reply['error']}")
+                return reply.get("result", {})
+
+    def js(self, expression: str):
+        result = self.call("Runtime.evaluate", session=True, expression=expression, returnByValue=True,
+                           awaitPromise=True)
+        if "exceptionDetails" in result:
+            raise RuntimeError(f"{expression[:80]}: {result['exceptionDetails']}")
+        return result["result"].get("value")
+
+    def wait(self, expression: str, timeout: float = 120, what: str = "") -> object:
+        end = time.time() + timeout
+        guarded = f"(() => {{ try {{ return {expression}; }} catch (e) {{ return false; }} }})()"
+        while time.time() < end:
+            value = self.js(guarded)
+            if value:
+                return value
+            time.sleep(0.25)
+        self.screenshot(SHOTS / "timeout.png")
+        raise AssertionError(f"timed out waiting for {what or expression}")
+
+    def click_button(self, text: str) -> None:
+        """Click a visible action button (not a tab, nor the tab overflow menu's copy)."""
+        assert self.js(f"""(() => {{
+            const b = [...document.querySelectorAll('button')].find(
+                b => b.offsetParent !== null && b.getAttribute('role') !== 'tab' && b.tabIndex !== -1
+                     && b.textContent.trim() === {json.dumps(text)});
+            if (b) b.click();
+            return !!b; }})()"""), f"no visible button '{text}'"
+
+    def click_tab(self, text: str) -> None:
+        assert self.js(f"""(() => {{
+            const t = [...document.querySelectorAll('button[role=tab]')].find(
+                t => t.textContent.trim() === {json.dumps(text)});
+            if (t) t.click();
+            return !!t; }})()"""), f"no tab '{text}'"
+
+    def set_number(self, elem_id: str, value: float) -> None:
+        """Type a value into a Number or Slider component's number box."""
+        assert self.js(f"""(() => {{
+            const el = document.querySelector('#{elem_id} input[type=number]');
+            if (!el) return false;
+            el.value = {json.dumps(str(value))};
+            el.dispatchEvent(new Event('input', {{bubbles: true}}));
+            el.dispatchEvent(new Event('change', {{bubbles: true}}));
+            el.dispatchEvent(new Event('blur', {{bubbles: true}}));
+            return true; }})()"""), f"no number input in #{elem_id}"
+
+    def text(self, selector: str) -> str:
+        return self.js(f"(document.querySelector({json.dumps(selector)}) || {{}}).innerText || ''")
+
+    def screenshot(self, path: Path) -> Path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        shot = self.call("Page.captureScreenshot", session=True, format="png", captureBeyondViewport=True)
+        path.write_bytes(base64.b64decode(shot["data"]))
+        return path
+
+    def close(self) -> None:
+        try:
+            self.call("Browser.close")
+        except (RuntimeError, OSError):
+            pass
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        shutil.rmtree(self.profile, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    with serve(tmp_path_factory.mktemp("browser-app")) as url:
+        b = Browser(url)
+        try:
+            yield b
+        finally:
+            b.close()
+
+
+def heatmap_drawn(elem_id: str) -> str:
+    """True once Plotly has drawn a heatmap trace inside the component."""
+    return f"document.querySelectorAll('#{elem_id} .js-plotly-plot .hm, #{elem_id} .heatmaplayer image').length > 0"
+
+
+def test_main_flow_by_clicking(browser):
+    b = browser
+    b.wait("document.body.innerText.includes('shrink a language model')", 60, "the page")
+    for tab in ("Model", "Importance", "Prune", "Sparsify", "Distill", "Compare", "Export"):
+        assert b.js(f"[...document.querySelectorAll('button[role=tab]')].some(t => t.textContent.trim() === '{tab}')"), tab
+    b.screenshot(SHOTS / "01-page.png")
+
+    b.click_button("Load")
+    b.wait("document.body.innerText.includes('134.52 M')", 120, "the model card")
+
+    b.click_tab("Importance")
+    b.wait("document.querySelector('#imp-samples input') !== null", 20, "the importance tab")
+    b.set_number("imp-samples", 4)
+    b.set_number("imp-seq-len", 64)
+    b.click_button("Estimate importance")
+    b.wait(heatmap_drawn("imp-heads"), 180, "the heads heatmap")
+    b.wait(heatmap_drawn("imp-neurons"), 30, "the neurons heatmap")
+    assert "Scores saved" in b.text("#imp-status")
+    b.screenshot(SHOTS / "02-importance.png")
+
+    b.click_tab("Prune")
+    b.wait("document.querySelector('#prune-layers input[type=number]') !== null", 20, "the prune tab")
+    b.wait("document.body.innerText.includes('FLOPs / token')", 60, "the size readout of the model")
+    b.set_number("prune-layers", 24)
+    b.set_number("prune-ffn", 1024)
+    b.set_number("prune-eval-tokens", 512)
+    b.wait("document.body.innerText.includes('24, 576, 1024, 9')", 20, "the size readout")
+    b.click_button("Prune")
+    b.wait("document.querySelector('#prune-status').innerText.includes('Pruned to')", 180, "the pruned model")
+    b.wait(heatmap_drawn("prune-neurons"), 30, "the keep/drop heatmap")
+    b.screenshot(SHOTS / "03-prune.png")
+
+    b.click_tab("Compare")
+    b.wait("document.querySelector('#cmp-max-new input[type=number]') !== null", 20, "the compare tab")
+    b.set_number("cmp-max-new", 8)
+    b.set_number("cmp-eval-tokens", 512)
+    b.click_button("Generate")
+    both = ("['#cmp-text-0 textarea', '#cmp-text-1 textarea'].every("
+            "s => document.querySelector(s) && document.querySelector(s).value.trim().length > 0)")
+    b.wait(both, 180, "two generations")
+    b.wait("document.querySelector('#cmp-speed-1').innerText.includes('tokens/s')", 180, "the speeds")
+    b.wait("document.querySelector('#cmp-table').innerText.includes('pruned-1')", 180, "the table")
+    original = b.js("document.querySelector('#cmp-text-0 textarea').value")
+    assert "Paris" in original  # greedy SmolLM2 knows the capital of France
+    shot = b.screenshot(SHOTS / "04-compare.png")
+    assert shot.stat().st_size > 10_000
+    print(f"screenshots in {SHOTS}")

@@ -1,0 +1,64 @@
+"""What the tabs share: the wiring context, queue settings for heavy events, number formats."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import gradio as gr
+
+from compact import models
+from ui import state as st
+
+# Heavy events (anything that runs a model) share one queue slot pool: one concurrency id
+# with a limit, so a GPU is never asked to hold two jobs' activations at once.
+HEAVY = dict(concurrency_id="gpu", concurrency_limit=st.SETTINGS.gpu_concurrency)
+DATA_CHOICES = ["builtin", "teacher"]
+
+
+@dataclass
+class Ctx:
+    """Shared components and the refreshes to run after the model or the outputs change.
+
+    Tabs are built one after another, so a tab cannot wire itself to a later tab's
+    components; it registers its events and refreshes here and the app joins them at the end.
+    """
+
+    state: gr.State
+    model_events: list = field(default_factory=list)  # events after which the model changed
+    output_events: list = field(default_factory=list)  # events after which outputs changed
+    on_model: list[tuple[Callable, list, list]] = field(default_factory=list)
+    on_outputs: list[tuple[Callable, list, list]] = field(default_factory=list)
+
+    def wire(self) -> None:
+        for event in self.model_events:
+            for fn, inputs, outputs in self.on_model:
+                event.then(fn, inputs, outputs, queue=False, api_visibility="private")
+        for event in self.output_events:
+            for fn, inputs, outputs in self.on_outputs:
+                event.then(fn, inputs, outputs, queue=False, api_visibility="private")
+
+
+def current(state: dict | None) -> models.Loaded:
+    """The session's model from the shared cache (loaded on first use)."""
+    return st.CACHE.get(st.session(state)["ref"])
+
+
+def human(n: float, unit: str = "") -> str:
+    for scale, suffix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f} {suffix}{unit}"
+    return f"{n:.0f} {unit}".strip()
+
+
+def gib(n_bytes: float) -> str:
+    return f"{n_bytes / 2**30:.2f} GiB" if n_bytes >= 2**30 else f"{n_bytes / 2**20:.0f} MiB"
+
+
+def model_choices(state: dict | None) -> list[str]:
+    return st.output_paths(state, ("pruned", "sparse", "distilled"))
+
+
+def shape_row(shape) -> dict:
+    return {"layers": shape.layers, "hidden": shape.hidden, "ffn": shape.ffn, "heads": shape.heads,
+            "kv_heads": shape.kv_heads, "params": shape.params}

@@ -1,0 +1,121 @@
+"""Compare tab: one prompt, the original and up to three compressed models side by side.
+
+Every model gets the same prompt, decoding settings and seed. Models run one after another
+(each streams into its own column) so that each tokens/s figure is measured alone rather than
+with the other models competing for the same device.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import gradio as gr
+
+from compact import data, evaluate
+from ui import jobs, model_tab
+from ui import state as st
+from ui.common import DATA_CHOICES, HEAVY, Ctx, human, model_choices
+
+SLOTS = 4
+EVAL_SEQ_LEN = 256
+
+
+def _params(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def short(ref: str) -> str:
+    """Output folders by their own name (pruned-1), other refs as given."""
+    path = Path(ref)
+    return path.name if path.is_absolute() else ref
+
+
+@jobs.user_errors
+def compare(original: str, slot1: str, slot2: str, slot3: str, prompt: str, max_new_tokens: int,
+            temperature: float, top_p: float, seed: int, chat: bool, with_ppl: bool, src: str,
+            eval_tokens: int):
+    refs = [original or "default", slot1, slot2, slot3]
+    texts, speeds, rows = [""] * SLOTS, [""] * SLOTS, []
+    results: list[dict] = []
+    for i, ref in enumerate(refs):
+        if not ref or not str(ref).strip():
+            continue
+        loaded = st.CACHE.get(ref)
+        speeds[i] = f"**{short(ref)}** generating…"
+        final = None
+        for text, final in model_tab.stream(loaded, prompt, int(max_new_tokens), float(temperature),
+                                            float(top_p), int(seed), bool(chat)):
+            texts[i] = text
+            yield *texts, *speeds, gr.skip(), gr.skip()
+        speeds[i] = f"**{short(ref)}**: {final['new_tokens']} tokens, {final['tokens_per_s']:.1f} tokens/s"
+        results.append({"slot": i, "model": ref, "text": texts[i], "params": _params(loaded.model),
+                        **final})
+        yield *texts, *speeds, gr.skip(), gr.skip()
+    for r in results:
+        if with_ppl:
+            loaded = st.CACHE.get(r["model"])
+            seq = min(EVAL_SEQ_LEN, evaluate.context_length(loaded.model))
+            val = data.blocks(src, loaded.tokenizer, "validation",
+                              data.n_blocks_for(int(eval_tokens), seq), seq, model=loaded.model)
+            r["ppl"] = evaluate.perplexity(loaded.model, val)["ppl"]
+        rows.append([short(r["model"]), human(r["params"]), round(r["params"] / results[0]["params"], 3),
+                     round(r["ppl"], 3) if "ppl" in r else None, round(r["tokens_per_s"], 1)])
+    yield *texts, *speeds, rows, {"models": results}
+
+
+def choices(state: dict | None, *current: str | None):
+    """New outputs become choices; the newest fills the first empty slot."""
+    options = model_choices(state)
+    updates, placed = [], False
+    for value in current:
+        if not value and options and not placed and options[-1] not in current:
+            updates.append(gr.Dropdown(choices=options, value=options[-1]))
+            placed = True
+        else:
+            updates.append(gr.Dropdown(choices=options))
+    return updates
+
+
+def original_ref(state: dict | None):
+    return st.session(state)["ref"]
+
+
+def build(ctx: Ctx) -> None:
+    with gr.Tab("Compare", id="compare"):
+        gr.Markdown("The same prompt, decoding settings and seed for every model. Pick compressed "
+                    "models made in this session, or type any model reference.")
+        with gr.Row():
+            original = gr.Textbox(value="default", label="Original")
+            slots = [gr.Dropdown([], value=None, allow_custom_value=True, label=f"Compressed {i}")
+                     for i in range(1, SLOTS)]
+        with gr.Row():
+            prompt = gr.Textbox(value="The capital of France is", label="Prompt", scale=3)
+            go = gr.Button("Generate", variant="primary", scale=1)
+            stop = gr.Button("Cancel", variant="stop", scale=1)
+        with gr.Row():
+            max_new = gr.Slider(1, 256, value=48, step=1, label="Max new tokens", elem_id="cmp-max-new")
+            temperature = gr.Slider(0, 2, value=0, step=0.05, label="Temperature (0 = greedy)")
+            top_p = gr.Slider(0.05, 1, value=1.0, step=0.05, label="Top-p")
+            seed = gr.Number(value=0, precision=0, label="Seed")
+            chat = gr.Checkbox(value=False, label="Chat template")
+        with gr.Row():
+            with_ppl = gr.Checkbox(value=True, label="Validation perplexity")
+            src = gr.Dropdown(DATA_CHOICES, value="builtin", allow_custom_value=True, label="Validation data")
+            eval_tokens = gr.Number(value=2048, precision=0, minimum=256, label="Validation tokens",
+                                    elem_id="cmp-eval-tokens")
+        texts, speeds = [], []
+        with gr.Row(equal_height=True):
+            for i in range(SLOTS):
+                with gr.Column(min_width=200):
+                    texts.append(gr.Textbox(label="Original" if i == 0 else f"Compressed {i}", lines=8,
+                                            elem_classes=["generation"], elem_id=f"cmp-text-{i}"))
+                    speeds.append(gr.Markdown(elem_id=f"cmp-speed-{i}"))
+        table = gr.Dataframe(headers=["model", "parameters", "of original", "validation ppl", "tokens/s"],
+                             interactive=False, label="Size and quality", elem_id="cmp-table")
+        summary = gr.JSON(visible=False)
+    event = go.click(compare, [original, *slots, prompt, max_new, temperature, top_p, seed, chat, with_ppl,
+                               src, eval_tokens],
+                     [*texts, *speeds, table, summary], api_name="compare", **HEAVY)
+    stop.click(None, None, None, cancels=[event], api_visibility="private")
+    ctx.on_outputs.append((choices, [ctx.state, *slots], slots))
+    ctx.on_model.append((original_ref, [ctx.state], [original]))

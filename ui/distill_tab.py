@@ -1,0 +1,146 @@
+"""Distill tab: teacher, student, data and the main hyperparameters; live loss, cancel, resume."""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+
+import gradio as gr
+
+from compact import distill
+from ui import jobs, plots
+from ui import state as st
+from ui.common import DATA_CHOICES, HEAVY, Ctx, model_choices
+
+
+def loss_plot(events: list[dict]):
+    return plots.curves(events, "tokens", ["loss", "kd", "ce", "hidden"], "Distillation loss", "loss")
+
+
+def command(cfg: distill.DistillConfig) -> str:
+    parts = ["python", "-m", "compact", "distill", "--teacher", cfg.teacher, "--student", cfg.student,
+             "--data", cfg.data, "--out", cfg.out, "--tokens", str(cfg.tokens), "--seq-len", str(cfg.seq_len),
+             "--batch", str(cfg.batch), "--lr", str(cfg.lr), "--temperature", str(cfg.temperature),
+             "--kd-weight", str(cfg.kd_weight), "--ce-weight", str(cfg.ce_weight),
+             "--hidden-weight", str(cfg.hidden_weight), "--eval-tokens", str(cfg.eval_tokens)]
+    if cfg.resume:
+        parts.append("--resume")
+    return shlex.join(parts)
+
+
+def status_line(e: dict) -> str:
+    eta = e.get("eta_s")
+    return (f"step {e['step']}/{e['steps']} · {e['tokens']:,} of {e['total_tokens']:,} tokens · "
+            f"loss {e['loss']:.4f} · {e.get('tokens_per_s', 0):.0f} tokens/s"
+            + (f" · ETA {eta:.0f} s" if eta is not None else ""))
+
+
+@jobs.user_errors
+def run(teacher: str, student: str, src: str, tokens: int, seq_len: int, batch: int, lr: float,
+        temperature: float, kd_weight: float, ce_weight: float, hidden_weight: float, resume: bool,
+        eval_tokens: int, state: dict | None, request: gr.Request, progress=gr.Progress()):
+    state = st.session(state)
+    sid = jobs.session_id(request)
+    teacher = st.check_ref(teacher or state["ref"])
+    if not student or not str(student).strip():
+        raise gr.Error("pick a student: a pruned model from this session or any model reference")
+    student = st.check_ref(student)
+    previous = st.resumable(state, "distilled", student=student)
+    if resume and previous is None:
+        raise gr.Error("nothing to resume: this session has no cancelled distillation of that student")
+    out = Path(previous.path) if resume else st.next_output(sid, "distilled")
+    cfg = distill.DistillConfig(teacher=teacher, student=student, data=src, out=str(out), tokens=int(tokens),
+                                seq_len=int(seq_len), batch=int(batch), lr=float(lr),
+                                temperature=float(temperature), kd_weight=float(kd_weight),
+                                ce_weight=float(ce_weight), hidden_weight=float(hidden_weight),
+                                resume=bool(resume), eval_tokens=int(eval_tokens))
+    cfg.check()
+    events: list[dict] = []
+
+    def work(job: jobs.Job):
+        teacher_loaded = st.CACHE.get(teacher)  # never changed by distill.run
+        student_loaded = st.CACHE.copy(student)  # trained in place: a private copy
+        result = distill.run(cfg, on_event=job.event, should_stop=job.should_stop,
+                             teacher=teacher_loaded, student=student_loaded)
+        if job.record is not None:
+            job.record.metrics = {k: result.get(k) for k in ("loss", "val_ppl_before", "val_ppl_after")}
+        return result
+
+    cmd = command(cfg)
+    # Recorded before training ends, so that a cancelled run can be resumed from this session.
+    st.add_output(state, st.Output("distilled", str(out), cmd, teacher, {"student": student,
+                                                                           "status": "running"}))
+    result = None
+    for what, payload in jobs.run(work, sid, "distill", base_model=student,
+                                  inputs=cfg.training_settings(), artifact=str(out)):
+        if what == "progress":
+            progress(payload[0], desc=payload[1])
+        elif what == "event":
+            kind = payload.get("kind")
+            if kind == "step":
+                events.append(payload)
+                progress(payload["step"] / payload["steps"], desc=status_line(payload))
+                yield loss_plot(events), status_line(payload), gr.skip(), gr.skip()
+            elif kind == "start":
+                ppl = payload.get("val_ppl_before")
+                yield gr.skip(), (f"Training {payload['steps']} steps"
+                                  + (f"; student validation perplexity {ppl:.2f}" if ppl else "")), \
+                    gr.skip(), gr.skip()
+        else:
+            result = payload
+    if result is None or result.get("status") == "cancelled":
+        st.add_output(state, st.Output("distilled", str(out), cmd, teacher,
+                                       {"student": student, "status": "cancelled"}))
+        yield gr.skip(), "Cancelled: a checkpoint was saved; tick *Resume* and start again to continue.", \
+            result or {}, state
+        return
+    st.add_output(state, st.Output("distilled", str(out), cmd, teacher, {"student": student, **result}))
+    st.CACHE.drop(str(out))  # a resumed run rewrites the folder
+    b, a = result.get("val_ppl_before"), result.get("val_ppl_after")
+    msg = (f"Done: {result['steps']} steps, {result['tokens']:,} tokens at "
+           f"{result['tokens_per_s']:.0f} tokens/s"
+           + (f"; validation perplexity {b:.2f} → **{a:.2f}**" if a and b else "") + f". Saved to `{out}`.")
+    yield loss_plot(events) if events else gr.skip(), msg, result, state
+
+
+def choices(state: dict | None):
+    return gr.Dropdown(choices=model_choices(state))
+
+
+def teacher_ref(state: dict | None):
+    return st.session(state)["ref"]
+
+
+def build(ctx: Ctx) -> None:
+    with gr.Tab("Distill", id="distill"):
+        gr.Markdown("Train a pruned student toward its teacher with logit distillation (KL at a "
+                    "temperature), optionally with cross-entropy and hidden-state losses.")
+        with gr.Row():
+            teacher = gr.Textbox(value="default", label="Teacher")
+            student = gr.Dropdown([], value=None, allow_custom_value=True, label="Student (pruned model)")
+            src = gr.Dropdown(DATA_CHOICES, value="builtin", allow_custom_value=True, label="Data")
+        with gr.Row():
+            tokens = gr.Number(value=65536, precision=0, minimum=1, label="Training tokens")
+            seq_len = gr.Number(value=256, precision=0, minimum=2, label="Sequence length")
+            batch = gr.Number(value=8, precision=0, minimum=1, label="Batch")
+            lr = gr.Number(value=1e-4, label="Learning rate")
+        with gr.Row():
+            temperature = gr.Number(value=1.0, label="Temperature")
+            kd_weight = gr.Number(value=1.0, label="KD weight")
+            ce_weight = gr.Number(value=0.0, label="CE weight")
+            hidden_weight = gr.Number(value=0.0, label="Hidden-state weight")
+            eval_tokens = gr.Number(value=8192, precision=0, minimum=0, label="Validation tokens")
+            resume = gr.Checkbox(value=False, label="Resume the last run of this student")
+        with gr.Row():
+            go = gr.Button("Distill", variant="primary")
+            stop = gr.Button("Cancel", variant="stop")
+        status = gr.Markdown()
+        loss = gr.Plot(plots.empty("The loss appears here as training runs"), label="Loss")
+        result = gr.JSON(visible=False)
+    event = go.click(run, [teacher, student, src, tokens, seq_len, batch, lr, temperature, kd_weight,
+                           ce_weight, hidden_weight, resume, eval_tokens, ctx.state],
+                     [loss, status, result, ctx.state], api_name="distill", **HEAVY)
+    ctx.output_events.append(event)
+    stop.click(jobs.cancel, None, status, queue=False, api_visibility="private")
+    ctx.on_outputs.append((choices, [ctx.state], [student]))
+    ctx.on_model.append((teacher_ref, [ctx.state], [teacher]))

@@ -1,0 +1,107 @@
+"""Export tab: download an output as a zip, push it to the Hub, and the command that remakes it."""
+
+from __future__ import annotations
+
+import os
+import zipfile
+from pathlib import Path
+
+import gradio as gr
+
+from compact import models
+from ui import jobs
+from ui import state as st
+from ui.common import Ctx
+
+SKIP = ("checkpoint", "checkpoint.tmp", "teacher_corrected")  # resume state, not the model
+
+
+def choices(state: dict | None):
+    paths = st.output_paths(state)
+    return gr.Dropdown(choices=paths, value=paths[-1] if paths else None)
+
+
+def describe(path: str | None, state: dict | None):
+    out = st.find_output(state, path) if path else None
+    if out is None:
+        return "", "Pick an output of this session."
+    return out.command, f"**{out.kind}** from `{out.source}` at `{out.path}`"
+
+
+@jobs.user_errors
+def make_zip(path: str | None, state: dict | None, request: gr.Request):
+    out = st.find_output(state, path) if path else None
+    if out is None or not Path(out.path).exists():
+        raise gr.Error("pick an output of this session to download")
+    folder = st.session_dir(jobs.session_id(request)) / "exports"
+    folder.mkdir(exist_ok=True)
+    src = Path(out.path)
+    if src.is_file():
+        return str(src)
+    return str(zip_folder(src, folder / f"{src.name}.zip"))
+
+
+def zip_folder(src: Path, archive: Path) -> Path:
+    """The folder as a zip; weights are stored, not deflated (they barely compress, and
+    deflating hundreds of megabytes takes long)."""
+    tmp = archive.with_suffix(".zip.tmp")
+    with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as zf:
+        for path in sorted(src.rglob("*")):
+            rel = path.relative_to(src)
+            if path.is_file() and rel.parts[0] not in SKIP:
+                stored = path.suffix in (".safetensors", ".bin", ".pt", ".gguf")
+                zf.write(path, Path(src.name) / rel, zipfile.ZIP_STORED if stored else zipfile.ZIP_DEFLATED)
+    tmp.replace(archive)
+    return archive
+
+
+@jobs.user_errors
+def push(path: str | None, repo_id: str, token: str, private: bool, state: dict | None,
+         oauth: gr.OAuthToken | None = None):
+    from huggingface_hub import HfApi
+
+    out = st.find_output(state, path) if path else None
+    if out is None or not Path(out.path).is_dir():
+        raise gr.Error("pick a model folder of this session to push")
+    token = (token or "").strip() or (oauth.token if oauth else None) or os.environ.get("HF_TOKEN")
+    if not token:
+        raise gr.Error("give a Hugging Face token with write access (or log in on Spaces)")
+    if not repo_id or "/" not in repo_id:
+        raise gr.Error("the repository id must look like user/name")
+    if not models.hub_reachable():
+        raise gr.Error("cannot reach the Hugging Face Hub from this server; download the zip instead")
+    api = HfApi(token=token)
+    try:
+        api.create_repo(repo_id, private=bool(private), exist_ok=True)
+        info = api.upload_folder(folder_path=out.path, repo_id=repo_id,
+                                 commit_message=f"compact: {out.kind} from {out.source}",
+                                 ignore_patterns=[f"{d}/*" for d in SKIP])
+    except Exception as e:  # the Hub client raises many kinds (auth, network, name) on failure
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise gr.Error(f"upload to {repo_id} failed: {type(e).__name__}: {first}") from None
+    return f"Pushed to [{repo_id}](https://huggingface.co/{repo_id}) ({getattr(info, 'commit_url', '')})"
+
+
+def build(ctx: Ctx) -> None:
+    with gr.Tab("Export", id="export"):
+        gr.Markdown("Every output of this session: download it, push it to the Hub, or remake it "
+                    "from the command line with the command below.")
+        output = gr.Dropdown([], value=None, allow_custom_value=True, label="Output")
+        what = gr.Markdown("Pick an output of this session.")
+        cmd = gr.Code(label="Command that reproduces it", language="shell", interactive=False)
+        with gr.Row():
+            zip_btn = gr.Button("Download as zip")
+            file = gr.File(label="Zip", interactive=False)
+        with gr.Accordion("Push to the Hugging Face Hub", open=False):
+            if os.environ.get("SPACE_ID"):
+                gr.LoginButton()
+            with gr.Row():
+                repo_id = gr.Textbox(label="Repository (user/name)")
+                token = gr.Textbox(label="Token (write access)", type="password")
+                private = gr.Checkbox(value=True, label="Private")
+            push_btn = gr.Button("Push")
+            pushed = gr.Markdown()
+    output.change(describe, [output, ctx.state], [cmd, what], api_name="export_command")
+    zip_btn.click(make_zip, [output, ctx.state], file, api_name="export_zip")
+    push_btn.click(push, [output, repo_id, token, private, ctx.state], pushed, api_name="push")
+    ctx.on_outputs.append((choices, [ctx.state], [output]))

@@ -1,0 +1,118 @@
+"""Importance tab: calibration settings, a cancellable run, heatmaps of every axis."""
+
+from __future__ import annotations
+
+import shlex
+
+import gradio as gr
+
+from compact import data, importance
+from ui import jobs, plots
+from ui import state as st
+from ui.common import DATA_CHOICES, HEAVY, Ctx, current
+
+DEFAULT_SAMPLES = 32
+DEFAULT_SEQ_LEN = 256
+
+
+def figures(scores: importance.Scores | None, plan=None) -> tuple:
+    """The four figures: heads, neurons, channels, layers; with a prune plan, what it keeps."""
+    if scores is None:
+        msg = plots.empty("Run importance to see scores")
+        return msg, msg, msg, msg
+    kept_layers = kept_heads = kept_neurons = kept_channels = None
+    if plan is not None:
+        n_layers = plan.source.layers
+        kept_layers = plan.layers
+        kept_heads, kept_neurons = [[] for _ in range(n_layers)], [[] for _ in range(n_layers)]
+        for i, layer in enumerate(plan.layers):
+            kept_heads[layer], kept_neurons[layer] = plan.heads[i], plan.neurons[i]
+        kept_channels = plan.channels
+    return (plots.heads(scores.heads, kept_layers, kept_heads),
+            plots.neurons(scores.neurons, kept_layers, kept_neurons),
+            plots.channels(scores.channels, scores.channels_per_layer, kept_channels, kept_layers),
+            plots.layers(scores.layers_bi, scores.layers_ppl, kept_layers))
+
+
+def summary(scores: importance.Scores) -> dict:
+    shape = lambda t: None if t is None else list(t.shape)
+    return {"heads": shape(scores.heads), "neurons": shape(scores.neurons),
+            "channels": shape(scores.channels), "channels_per_layer": shape(scores.channels_per_layer),
+            "layers_bi": shape(scores.layers_bi), "layers_ppl": shape(scores.layers_ppl),
+            "meta": scores.meta}
+
+
+def command(ref: str, src: str, samples: int, seq_len: int, batch_agg: str, seq_agg: str,
+            depth_ppl: bool, out: str) -> str:
+    parts = ["python", "-m", "compact", "importance", "--model", ref, "--data", src,
+             "--samples", str(samples), "--seq-len", str(seq_len), "--batch-agg", batch_agg,
+             "--seq-agg", seq_agg, "--out", out]
+    if depth_ppl:
+        parts.append("--depth-ppl")
+    return shlex.join(parts)
+
+
+@jobs.user_errors
+def run(src: str, samples: int, seq_len: int, batch_agg: str, seq_agg: str, depth_ppl: bool,
+        state: dict | None, request: gr.Request, progress=gr.Progress()):
+    state = st.session(state)
+    sid = jobs.session_id(request)
+    samples, seq_len = int(samples), int(seq_len)
+    if samples < 1 or seq_len < 2:
+        raise gr.Error("samples must be at least 1 and the sequence length at least 2")
+    loaded = current(state)
+    out = st.next_output(sid, "importance").with_suffix(".safetensors")
+
+    def work(job: jobs.Job):
+        job.progress(0.0, "reading calibration data")
+        blocks = data.blocks(src, loaded.tokenizer, "calibration", samples, seq_len, model=loaded.model)
+        try:
+            scores = importance.estimate(loaded.model, blocks, batch_agg=batch_agg, seq_agg=seq_agg,
+                                         depth_ppl=bool(depth_ppl), progress=job.progress,
+                                         should_stop=job.should_stop)
+        except importance.Cancelled:
+            return None
+        scores.meta.setdefault("family", loaded.arch.family)
+        scores.save(out)
+        return scores
+
+    inputs = {"data": src, "samples": samples, "seq_len": seq_len, "batch_agg": batch_agg,
+              "seq_agg": seq_agg, "depth_ppl": bool(depth_ppl)}
+    scores = jobs.run_to_end(work, sid, "importance", progress, base_model=state["ref"],
+                             inputs=inputs, artifact=str(out))
+    if scores is None:
+        raise jobs.Cancelled()
+    cmd = command(state["ref"], src, samples, seq_len, batch_agg, seq_agg, depth_ppl, str(out))
+    state.update(scores=scores, scores_path=str(out), scores_ref=state["ref"], scores_command=cmd)
+    st.add_output(state, st.Output("importance", str(out), cmd, state["ref"], summary(scores)))
+    return (*figures(scores), summary(scores), f"Scores saved to `{out}`", state)
+
+
+def build(ctx: Ctx) -> None:
+    with gr.Tab("Importance", id="importance"):
+        gr.Markdown("Minitron importance from forward passes on calibration text: per head, MLP "
+                    "neuron, embedding channel and layer. Needs no gradients.")
+        with gr.Row():
+            src = gr.Dropdown(DATA_CHOICES, value="builtin", allow_custom_value=True,
+                              label="Data (builtin, teacher, .txt/.jsonl path, hf:NAME)")
+            samples = gr.Number(value=DEFAULT_SAMPLES, precision=0, minimum=1, label="Samples",
+                                elem_id="imp-samples")
+            seq_len = gr.Number(value=DEFAULT_SEQ_LEN, precision=0, minimum=2, label="Tokens per sample",
+                                elem_id="imp-seq-len")
+            batch_agg = gr.Dropdown(list(importance.AGGREGATIONS), value="l2", label="Batch aggregation")
+            seq_agg = gr.Dropdown(list(importance.AGGREGATIONS), value="mean", label="Sequence aggregation")
+            depth_ppl = gr.Checkbox(value=False, label="Layer perplexity (one pass per layer, slower)")
+        with gr.Row():
+            go = gr.Button("Estimate importance", variant="primary")
+            stop = gr.Button("Cancel", variant="stop")
+        status = gr.Markdown(elem_id="imp-status")
+        with gr.Row():
+            heads = gr.Plot(plots.empty("Run importance to see scores"), label="Heads", elem_id="imp-heads")
+            layers = gr.Plot(plots.empty("Run importance to see scores"), label="Layers")
+        neurons = gr.Plot(plots.empty("Run importance to see scores"), label="MLP neurons",
+                          elem_id="imp-neurons")
+        channels = gr.Plot(plots.empty("Run importance to see scores"), label="Embedding channels")
+        result = gr.JSON(label="Scores", visible=False)
+    go.click(run, [src, samples, seq_len, batch_agg, seq_agg, depth_ppl, ctx.state],
+             [heads, neurons, channels, layers, result, status, ctx.state], api_name="importance", **HEAVY)
+    stop.click(jobs.cancel, None, status, queue=False, api_name="cancel")

@@ -1,0 +1,157 @@
+"""Long work as cancellable jobs.
+
+Gradio cannot stop a plain function once it runs, so a job runs the library call in a worker
+thread and hands it `job.should_stop`, backed by a per-session stop flag that the library
+checks between batches/steps. The event handler is a generator that relays the worker's
+progress and events as they come (for gr.Progress and live plots). The Cancel button sets the
+session's flags; closing the page closes the generator, which sets them too. Every job is
+recorded in the runs store (compact.runs) with its session.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import queue
+import threading
+import traceback
+from collections import defaultdict
+from typing import Any, Callable, Iterator
+
+import gradio as gr
+
+from compact import runs
+from compact.errors import UserError
+
+_FLAGS: dict[str, dict[int, threading.Event]] = defaultdict(dict)
+_FLAGS_LOCK = threading.Lock()
+
+
+class Cancelled(Exception):
+    """The job stopped because its stop flag was set."""
+
+
+class Job:
+    """What a worker gets: progress and event reporting, the stop check, its run record."""
+
+    def __init__(self, inbox: queue.Queue, flag: threading.Event):
+        self._inbox, self._flag = inbox, flag
+        self.record: runs.Run | None = None
+
+    def progress(self, fraction: float, message: str = "") -> None:
+        self._inbox.put(("progress", (max(0.0, min(1.0, float(fraction))), str(message))))
+
+    def event(self, payload: dict) -> None:
+        self._inbox.put(("event", dict(payload)))
+
+    def should_stop(self) -> bool:
+        return self._flag.is_set()
+
+
+def session_id(request: gr.Request | None) -> str:
+    return getattr(request, "session_hash", None) or "local"
+
+
+def cancel(request: gr.Request = None) -> str:
+    """Set the stop flag of every job of this session."""
+    sid = session_id(request)
+    with _FLAGS_LOCK:
+        flags = list(_FLAGS.get(sid, {}).values())
+    for flag in flags:
+        flag.set()
+    return f"Stopping {len(flags)} job(s)…" if flags else "No job is running."
+
+
+def run(work: Callable[[Job], Any], sid: str, kind: str, base_model: str | None = None,
+        inputs: dict | None = None, artifact: str | None = None) -> Iterator[tuple[str, Any]]:
+    """Run work(job) in a thread; yield what it reports.
+
+    Yields ("progress", (fraction, message)), ("event", dict), then ("done", result) or
+    ("cancelled", result-or-None). A UserError in the worker becomes gr.Error.
+    """
+    flag = threading.Event()
+    inbox: queue.Queue = queue.Queue()
+    job = Job(inbox, flag)
+    with _FLAGS_LOCK:
+        _FLAGS[sid][id(flag)] = flag
+
+    def target() -> None:
+        try:
+            with runs.track(kind, base_model, inputs, artifact, session=sid) as record:
+                job.record = record
+                result = work(job)
+                record.cancelled = flag.is_set()
+            inbox.put(("done", result))
+        except BaseException as e:  # handed to the generator, which re-raises it
+            inbox.put(("error", e))
+
+    thread = threading.Thread(target=target, name=f"job-{kind}-{sid[:8]}", daemon=True)
+    thread.start()
+    try:
+        while True:
+            what, payload = inbox.get()
+            if what == "error":
+                if flag.is_set():
+                    yield "cancelled", None
+                    return
+                if isinstance(payload, UserError):
+                    raise gr.Error(str(payload)) from None
+                if isinstance(payload, gr.Error):
+                    raise payload
+                traceback.print_exception(payload)
+                raise gr.Error(f"internal error: {type(payload).__name__}: {payload}") from None
+            if what == "done":
+                # The library may end early and return what it had when asked to stop.
+                yield ("cancelled" if flag.is_set() else "done"), payload
+                return
+            yield what, payload
+    finally:
+        flag.set()  # the page went away or we are done: let the worker stop
+        with _FLAGS_LOCK:
+            _FLAGS[sid].pop(id(flag), None)
+            if not _FLAGS[sid]:
+                _FLAGS.pop(sid, None)
+
+
+def run_to_end(work: Callable[[Job], Any], sid: str, kind: str, progress: gr.Progress | None = None,
+               **record) -> Any:
+    """Run a job to the end, relaying progress to gr.Progress; returns its result.
+
+    For handlers that show nothing live besides the progress bar. Raises Cancelled.
+    """
+    for what, payload in run(work, sid, kind, **record):
+        if what == "progress" and progress is not None:
+            progress(payload[0], desc=payload[1])
+        elif what == "done":
+            return payload
+        elif what == "cancelled":
+            raise Cancelled()
+    raise Cancelled()
+
+
+def user_errors(fn: Callable) -> Callable:
+    """Show UserError (and Cancelled) as a gr.Error for quick handlers; the server goes on."""
+
+    def translate(e: Exception) -> gr.Error:
+        if isinstance(e, Cancelled):
+            return gr.Error("cancelled")
+        return gr.Error(str(e))
+
+    if inspect.isgeneratorfunction(fn):
+        @functools.wraps(fn)
+        def gen_wrapper(*args, **kwargs):
+            try:
+                yield from fn(*args, **kwargs)
+            except (UserError, Cancelled) as e:
+                raise translate(e) from None
+
+        return gen_wrapper
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (UserError, Cancelled) as e:
+            raise translate(e) from None
+
+    return wrapper

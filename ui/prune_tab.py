@@ -1,0 +1,239 @@
+"""Prune tab: target controls with a live size readout, keep/drop heatmaps, shape search, prune.
+
+The readout is arithmetic on compact.shapes (no model touched) so it follows every control
+change at once; the heatmaps come from compact.prune.plan, also model-free.
+"""
+
+from __future__ import annotations
+
+import shlex
+import threading
+
+import gradio as gr
+
+from compact import data, evaluate, prune, shapes
+from compact.errors import UserError
+from compact.shapes import Shape
+from ui import importance_tab, jobs
+from ui import state as st
+from ui.common import DATA_CHOICES, HEAVY, Ctx, current, gib, human
+
+EVAL_TOKENS = 4096
+EVAL_SEQ_LEN = 256
+_BASELINE: dict[tuple, dict] = {}  # validation perplexity of unpruned models, by (ref, data, tokens)
+_BASELINE_LOCK = threading.Lock()
+
+
+def targets(base: Shape, layers, hidden, ffn, heads) -> dict:
+    """Only the axes that change, as prune_and_save and the CLI take them."""
+    want = {"layers": layers, "hidden": hidden, "ffn": ffn, "heads": heads}
+    return {k: int(v) for k, v in want.items() if v is not None and int(v) != getattr(base, k)}
+
+
+def readout(base: Shape | None, layers, hidden, ffn, heads, context: int = 1024) -> str:
+    if base is None:
+        return "Load a model to set a target."
+    try:
+        target, _ = prune.resolve_targets(base, **targets(base, layers, hidden, ffn, heads))
+    except UserError as e:
+        return f"⚠️ {e}"
+    p0, p1 = base.params, target.params
+    f0, f1 = shapes.flops_per_token(base, context), shapes.flops_per_token(target, context)
+    return (
+        f"| | original | target | kept |\n|---|---|---|---|\n"
+        f"| parameters | {human(p0)} | **{human(p1)}** | {p1 / p0:.1%} |\n"
+        f"| memory (bf16) | {gib(shapes.memory_bytes(base, 2))} | {gib(shapes.memory_bytes(target, 2))} | |\n"
+        f"| FLOPs / token @{context} | {human(f0)} | {human(f1)} | {f1 / f0:.1%} |\n"
+        f"| shape (L, H, F, heads) | {base.layers}, {base.hidden}, {base.ffn}, {base.heads} | "
+        f"{target.layers}, {target.hidden}, {target.ffn}, {target.heads} | |"
+    )
+
+
+def heatmaps(state: dict | None, base: Shape | None, layers, hidden, ffn, heads, depth_metric: str):
+    scores = st.session(state).get("scores")
+    if base is None or scores is None:
+        return importance_tab.figures(None)
+    try:
+        plan = prune.plan(scores, base, depth_metric=depth_metric, family=scores.meta.get("family"),
+                          **targets(base, layers, hidden, ffn, heads))
+    except UserError:
+        return importance_tab.figures(scores)  # the readout already says what is wrong
+    return importance_tab.figures(scores, plan)
+
+
+def sliders_for(base: Shape) -> list:
+    many_heads = base.kv_heads == base.heads
+    step = 1 if many_heads else base.kv_heads
+    return [
+        gr.Slider(1, base.layers, value=base.layers, step=1),
+        gr.Slider(1, base.hidden, value=base.hidden, step=1),
+        gr.Slider(1, base.ffn, value=base.ffn, step=1),
+        gr.Slider(step, base.heads, value=base.heads, step=step,
+                  info=None if many_heads else f"a multiple of the {base.kv_heads} KV heads"),
+    ]
+
+
+@jobs.user_errors
+def refresh(state: dict | None, shown: Shape | None = None, layers=None, hidden=None, ffn=None,
+            heads=None, depth_metric: str = "bi"):
+    """Controls follow the session's model (loaded on first use) and are kept while it stays the
+    same; the heatmaps are redrawn, since the scores may be new."""
+    base = current(state).shape
+    if shown == base:
+        return [gr.skip()] * 6 + list(heatmaps(state, base, layers, hidden, ffn, heads, depth_metric))
+    return [base, *sliders_for(base), readout(base, None, None, None, None),
+            *heatmaps(state, base, None, None, None, None, depth_metric)]
+
+
+@jobs.user_errors
+def find_shapes(base: Shape | None, target_m: float, tolerance: float, state: dict | None):
+    from compact import search
+
+    if base is None:
+        base = current(state).shape
+    if not target_m or target_m <= 0:
+        raise gr.Error("give a parameter budget in millions")
+    found = search.candidates(base, int(target_m * 1e6), tolerance=float(tolerance))
+    rows = [[s.layers, s.hidden, s.ffn, s.heads, round(s.params / 1e6, 2), round(s.params / base.params, 3)]
+            for s in found]
+    if not rows:
+        raise gr.Error(f"no shape within {tolerance:.0%} of {target_m}M parameters")
+    return rows
+
+
+def pick_row(rows, base: Shape | None, state: dict | None, depth_metric: str, evt: gr.SelectData):
+    """One click on a candidate fills the controls."""
+    row = list(rows.iloc[evt.index[0]]) if hasattr(rows, "iloc") else list(rows[evt.index[0]])
+    layers, hidden, ffn, heads = (int(v) for v in row[:4])
+    return (layers, hidden, ffn, heads, readout(base, layers, hidden, ffn, heads),
+            *heatmaps(state, base, layers, hidden, ffn, heads, depth_metric))
+
+
+def baseline_ppl(loaded, ref: str, src: str, tokens: int, blocks) -> dict:
+    key = (st.cache_key(ref), src, tokens)
+    with _BASELINE_LOCK:
+        if key in _BASELINE:
+            return _BASELINE[key]
+    result = evaluate.perplexity(loaded.model, blocks)
+    with _BASELINE_LOCK:
+        _BASELINE[key] = result
+    return result
+
+
+def command(ref: str, out: str, tg: dict, scores_path: str | None, depth_metric: str) -> str:
+    parts = ["python", "-m", "compact", "prune", "--model", ref, "--out", out]
+    for k, v in tg.items():
+        parts += [f"--{k}", str(v)]
+    if scores_path:
+        parts += ["--importance", scores_path]
+    parts += ["--depth-metric", depth_metric]
+    return shlex.join(parts)
+
+
+@jobs.user_errors
+def run_prune(base: Shape | None, layers, hidden, ffn, heads, depth_metric: str, src: str,
+              eval_tokens: int, state: dict | None, request: gr.Request, progress=gr.Progress()):
+    state = st.session(state)
+    sid = jobs.session_id(request)
+    loaded = current(state)
+    base = loaded.shape
+    tg = targets(base, layers, hidden, ffn, heads)
+    if not tg:
+        raise gr.Error("the target is the model's own shape: lower at least one control")
+    scores = state.get("scores")
+    prune.plan(scores, base, depth_metric=depth_metric, family=loaded.arch.family, **tg)  # fail fast
+    out = st.next_output(sid, "pruned")
+    eval_tokens = int(eval_tokens or EVAL_TOKENS)
+
+    def work(job: jobs.Job):
+        job.progress(0.05, "pruning")
+        result = prune.prune_and_save(loaded, scores, out, depth_metric=depth_metric, **tg)
+        if job.should_stop():
+            return None
+        job.progress(0.4, "loading the pruned checkpoint")
+        pruned = st.CACHE.get(str(out))
+        seq = min(EVAL_SEQ_LEN, evaluate.context_length(pruned.model))
+        val = data.blocks(src, loaded.tokenizer, "validation", data.n_blocks_for(eval_tokens, seq), seq,
+                          model=loaded.model)
+        job.progress(0.5, "validation perplexity of the original")
+        before = baseline_ppl(loaded, state["ref"], src, eval_tokens, val)
+        job.progress(0.75, "validation perplexity of the pruned model")
+        after = evaluate.perplexity(pruned.model, val)
+        result.update(ppl_before=before["ppl"], ppl_after=after["ppl"], eval_tokens=after["tokens"])
+        if job.record is not None:
+            job.record.params, job.record.metrics = result["params"], {"ppl": after["ppl"]}
+        return result
+
+    result = jobs.run_to_end(work, sid, "prune", progress, base_model=state["ref"],
+                             inputs={**tg, "depth_metric": depth_metric}, artifact=str(out))
+    if result is None:
+        raise jobs.Cancelled()
+    cmd = command(state["ref"], str(out), tg, state.get("scores_path"), depth_metric)
+    if state.get("scores_command"):
+        cmd = state["scores_command"] + "\n" + cmd
+    st.add_output(state, st.Output("pruned", str(out), cmd, state["ref"], result))
+    kept = result["params"] / result["source_params"]
+    msg = (f"Pruned to {human(result['params'])} parameters ({kept:.1%}); validation perplexity "
+           f"{result['ppl_before']:.2f} → **{result['ppl_after']:.2f}**. Saved to `{out}`.")
+    return result, msg, state
+
+
+def build(ctx: Ctx) -> None:
+    with gr.Tab("Prune", id="prune") as tab:
+        base = gr.State(None)
+        gr.Markdown("Pick a target shape. Heads stay a multiple of the KV heads (KV groups are kept). "
+                    "The heatmaps grey out what the target drops; run Importance first.")
+        with gr.Row():
+            with gr.Column(scale=2):
+                layers = gr.Slider(1, 30, value=30, step=1, label="Layers", elem_id="prune-layers")
+                hidden = gr.Slider(1, 576, value=576, step=1, label="Hidden (embedding channels)",
+                                   elem_id="prune-hidden")
+                ffn = gr.Slider(1, 1536, value=1536, step=1, label="FFN (MLP neurons per layer)",
+                                elem_id="prune-ffn")
+                heads = gr.Slider(3, 9, value=9, step=3, label="Attention heads", elem_id="prune-heads")
+                depth_metric = gr.Radio(list(prune.DEPTH_METRICS), value="bi",
+                                        label="Layers to drop by (bi: Block Influence, ppl: perplexity)")
+            with gr.Column(scale=2):
+                size = gr.Markdown(readout(None, None, None, None, None))
+                with gr.Accordion("Find shapes within a budget", open=False):
+                    with gr.Row():
+                        budget = gr.Number(value=90, label="Parameters (millions)")
+                        tolerance = gr.Slider(0.01, 0.3, value=0.05, step=0.01, label="Tolerance")
+                    find = gr.Button("Find shapes")
+                    table = gr.Dataframe(headers=["layers", "hidden", "ffn", "heads", "params (M)", "kept"],
+                                         interactive=False, label="Candidates (click a row to use it)",
+                                         elem_id="prune-candidates")
+        with gr.Row():
+            src = gr.Dropdown(DATA_CHOICES, value="builtin", allow_custom_value=True, label="Validation data")
+            eval_tokens = gr.Number(value=EVAL_TOKENS, precision=0, minimum=256, label="Validation tokens",
+                                    elem_id="prune-eval-tokens")
+            go = gr.Button("Prune", variant="primary")
+            stop = gr.Button("Cancel", variant="stop")
+        status = gr.Markdown(elem_id="prune-status")
+        result = gr.JSON(label="Pruned model", visible=False)
+        with gr.Row():
+            p_heads = gr.Plot(label="Heads kept")
+            p_layers = gr.Plot(label="Layers kept")
+        p_neurons = gr.Plot(label="Neurons kept", elem_id="prune-neurons")
+        p_channels = gr.Plot(label="Channels kept")
+
+    controls = [layers, hidden, ffn, heads]
+    figs = [p_heads, p_neurons, p_channels, p_layers]
+    refresh_outputs = [base, *controls, size, *figs]
+    refresh_inputs = [ctx.state, base, *controls, depth_metric]
+    # Not on the heavy queue: a cached model makes this instant, even while a job runs.
+    tab.select(refresh, refresh_inputs, refresh_outputs, api_name="prune_refresh")
+    ctx.on_model.append((refresh, refresh_inputs, refresh_outputs))
+    for c in controls:
+        c.change(readout, [base, *controls], size, queue=False, trigger_mode="always_last",
+                 api_visibility="private")
+        c.release(heatmaps, [ctx.state, base, *controls, depth_metric], figs, trigger_mode="always_last",
+                  api_visibility="private")
+    depth_metric.change(heatmaps, [ctx.state, base, *controls, depth_metric], figs, api_visibility="private")
+    find.click(find_shapes, [base, budget, tolerance, ctx.state], table, api_name="search")
+    table.select(pick_row, [table, base, ctx.state, depth_metric], [*controls, size, *figs],
+                 api_visibility="private")
+    event = go.click(run_prune, [base, *controls, depth_metric, src, eval_tokens, ctx.state],
+                     [result, status, ctx.state], api_name="prune", **HEAVY)
+    ctx.output_events.append(event)
+    stop.click(jobs.cancel, None, status, queue=False, api_visibility="private")

@@ -1,0 +1,186 @@
+"""What the app keeps between events: a shared model cache and each session's artifacts.
+
+The cache is shared by every session (loading the same model twice would waste memory) and is
+bounded by bytes: the least recently used models are dropped when a new one would not fit.
+Jobs that change a model in place (prune, sparsify, distill) take a private copy, never the
+cached object. Session state is a plain dict in gr.State: the current model ref, the
+importance scores and every output folder the session made, with the command that remakes it.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from compact import models, settings
+
+SETTINGS = settings.load()
+
+
+def data_root() -> Path:
+    """Where the app writes outputs: $COMPACT_DATA, default ./data (gitignored)."""
+    root = SETTINGS.data_dir
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def session_dir(session_hash: str | None) -> Path:
+    """A per-session output folder: <data>/<session>/<artifact>, as compact.cleanup expects."""
+    name = re.sub(r"[^A-Za-z0-9_-]", "", session_hash or "")[:24] or "local"
+    path = data_root() / name
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def next_output(session_hash: str | None, kind: str) -> Path:
+    """A fresh folder name for a job's output: pruned-1, pruned-2, ..."""
+    folder = session_dir(session_hash)
+    n = 1
+    while (folder / f"{kind}-{n}").exists():
+        n += 1
+    return folder / f"{kind}-{n}"
+
+
+def model_bytes(model) -> int:
+    return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+
+
+def check_ref(ref: str | None) -> str:
+    """A model ref a visitor may load: 'default', a Hub id, or a path inside the allowed folders."""
+    ref = (ref or "").strip() or models.DEFAULT_REF
+    looks_local = ref.startswith((".", "/", "~")) or Path(ref).expanduser().exists()
+    if ref != models.DEFAULT_REF and looks_local:
+        return str(settings.safe_path(ref, SETTINGS.allowed_dirs))
+    return ref
+
+
+def cache_key(ref: str | None) -> str:
+    ref = check_ref(ref)
+    path = Path(ref).expanduser()
+    return str(path.resolve()) if path.exists() else ref
+
+
+def load_model(ref: str) -> models.Loaded:
+    return models.load(check_ref(ref), trust_remote_code=SETTINGS.allow_remote_code,
+                       allow_pickle=SETTINGS.allow_pickle)
+
+
+class ModelCache:
+    """Loaded models shared across sessions, least recently used dropped beyond max_bytes."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self._items: OrderedDict[str, tuple[models.Loaded, int]] = OrderedDict()
+        self._lock = threading.Lock()
+        self._loading: dict[str, threading.Lock] = {}
+
+    def get(self, ref: str | None) -> models.Loaded:
+        key = cache_key(ref)
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                return self._items[key][0]
+            key_lock = self._loading.setdefault(key, threading.Lock())
+        with key_lock:  # one load per key even when two sessions ask at once
+            with self._lock:
+                if key in self._items:
+                    return self._items[key][0]
+            loaded = load_model(key)
+            size = model_bytes(loaded.model)
+            with self._lock:
+                self._share_tokenizer(loaded)
+                self._items[key] = (loaded, size)
+                self._evict(keep=key)
+                self._loading.pop(key, None)
+            return loaded
+
+    def copy(self, ref: str | None) -> models.Loaded:
+        """A private copy for jobs that change the weights; the tokenizer is shared."""
+        loaded = self.get(ref)
+        return models.Loaded(copy.deepcopy(loaded.model), loaded.tokenizer, loaded.arch,
+                             loaded.ref, dict(loaded.meta))
+
+    def _share_tokenizer(self, loaded: models.Loaded) -> None:
+        """Pruned and sparse checkpoints carry a copy of their source's tokenizer. Using the one
+        object lets compact.data's per-tokenizer cache of tokenized corpora serve them all."""
+        tok = loaded.tokenizer
+        for other, _ in self._items.values():
+            o = other.tokenizer
+            if (o is not tok and type(o) is type(tok) and len(o) == len(tok)
+                    and o.eos_token_id == tok.eos_token_id and o.pad_token_id == tok.pad_token_id
+                    and getattr(o, "chat_template", None) == getattr(tok, "chat_template", None)
+                    and o.get_vocab() == tok.get_vocab()):
+                loaded.tokenizer = o
+                return
+
+    def _evict(self, keep: str) -> None:
+        while self.total_bytes() > self.max_bytes and len(self._items) > 1:
+            oldest = next(k for k in self._items if k != keep)
+            del self._items[oldest]
+
+    def total_bytes(self) -> int:
+        return sum(size for _, size in self._items.values())
+
+    def drop(self, ref: str) -> None:
+        with self._lock:
+            self._items.pop(cache_key(ref), None)
+
+    def keys(self) -> list[str]:
+        with self._lock:
+            return list(self._items)
+
+
+CACHE = ModelCache(int(SETTINGS.model_cache_gb * 2**30))
+
+
+@dataclass
+class Output:
+    """One folder a job wrote, with what it is and how to remake it."""
+
+    kind: str  # pruned / sparse / distilled / importance
+    path: str
+    command: str
+    source: str  # the model ref it came from
+    summary: dict = field(default_factory=dict)
+
+
+def new_session() -> dict:
+    return {"ref": models.DEFAULT_REF, "scores": None, "scores_path": None,
+            "scores_command": None, "outputs": []}
+
+
+def session(value: dict | None) -> dict:
+    """The session dict, created on first use (gr.State starts as None)."""
+    return value if isinstance(value, dict) and "outputs" in value else new_session()
+
+
+def add_output(state: dict, out: Output) -> dict:
+    state["outputs"] = [o for o in state["outputs"] if o.path != out.path] + [out]
+    return state
+
+
+def output_paths(state: dict | None, kinds: tuple[str, ...] | None = None) -> list[str]:
+    """Finished outputs (a cancelled training run holds a checkpoint, not a model yet)."""
+    state = session(state)
+    return [o.path for o in state["outputs"] if (kinds is None or o.kind in kinds)
+            and o.summary.get("status") not in ("cancelled", "running")]
+
+
+def resumable(state: dict | None, kind: str, **match) -> Output | None:
+    """The newest cancelled run of this kind whose summary matches, to resume."""
+    for o in reversed(session(state)["outputs"]):
+        if o.kind == kind and o.summary.get("status") == "cancelled" and \
+                all(o.summary.get(k) == v for k, v in match.items()):
+            return o
+    return None
+
+
+def find_output(state: dict | None, path: str) -> Output | None:
+    for o in session(state)["outputs"]:
+        if o.path == path:
+            return o
+    return None
