@@ -1,0 +1,233 @@
+"""Dense against 2:4 semi-structured kernels: single linears, model prefill and decode.
+
+    .venv/bin/python bench/bench_sparse.py [--device cuda] [--out bench/results/sparse.json]
+
+layers: F.linear with a dense weight against the same 2:4 weight converted by
+torch.sparse.to_sparse_semi_structured, with cuSPARSELt's default algorithm and with the one
+torch._cslt_sparse_mm_search picks, at decode (1 token) and prefill token counts; shapes of the
+default model (576 wide) and of an 8B model (4096 wide).
+model: the default model pruned 2:4 by magnitude, prefill at several batch sizes and greedy
+decode, dense weights against converted ones (compact.sparsity.to_semi_structured).
+The 2:4 kernels need CUDA; on a CPU the script records that and still measures the dense
+baselines, so the JSON always says what ran where. Speedups above 1 mean 2:4 is faster.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from compact import models, sparsity  # noqa: E402
+
+SMALL = [(576, 576), (192, 576), (1536, 576), (576, 1536)]   # default model: q/o, k/v, up/gate, down
+LARGE = [(4096, 4096), (14336, 4096), (4096, 14336)]          # an 8B model
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device, repeats: int, warmup: int = 2) -> float:
+    """Median milliseconds of fn()."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append((time.perf_counter() - start) * 1000)
+    return statistics.median(times)
+
+
+def kernels_available(device: torch.device) -> tuple[bool, str]:
+    if device.type != "cuda":
+        return False, "2:4 kernels (torch.sparse.to_sparse_semi_structured) need CUDA; dense only"
+    major, minor = torch.cuda.get_device_capability(device)
+    if major < 8:
+        return False, f"compute capability {major}.{minor}: 2:4 kernels need 8.0 or newer"
+    return True, ""
+
+
+def _pruned(out_f: int, in_f: int, device, dtype) -> torch.Tensor:
+    w = torch.randn(out_f, in_f, device=device, dtype=dtype)
+    return w * sparsity.nm_mask(w, 2, 4).to(dtype)
+
+
+@torch.no_grad()
+def bench_layers(device, dtype, shapes, token_counts, repeats, sparse_ok) -> list[dict]:
+    from torch.sparse import to_sparse_semi_structured
+
+    rows = []
+    for out_f, in_f in shapes:
+        w = _pruned(out_f, in_f, device, dtype)
+        for tokens in token_counts:
+            x = torch.randn(tokens, in_f, device=device, dtype=dtype)
+            row = {"out": out_f, "in": in_f, "tokens": tokens,
+                   "dense_ms": timed(lambda: F.linear(x, w), device, repeats)}
+            if sparse_ok:
+                try:
+                    ws = to_sparse_semi_structured(w)
+                    row["sparse_ms"] = timed(lambda: F.linear(x, ws), device, repeats)
+                    row["speedup"] = row["dense_ms"] / row["sparse_ms"]
+                    alg = sparsity.cslt_search(w, tokens)
+                    row["cslt_alg_id"] = alg
+                    if alg:
+                        wa = to_sparse_semi_structured(w, alg_id=alg)
+                        row["sparse_search_ms"] = timed(lambda: F.linear(x, wa), device, repeats)
+                        row["speedup_search"] = row["dense_ms"] / row["sparse_search_ms"]
+                except (RuntimeError, NotImplementedError) as e:
+                    row["sparse_error"] = str(e).splitlines()[0][:200]
+            rows.append(row)
+            print(json.dumps(row), file=sys.stderr, flush=True)
+    return rows
+
+
+@torch.no_grad()
+def prefill_ms(model, batch: int, seq_len: int, vocab: int, device, repeats: int) -> float:
+    ids = torch.randint(0, vocab, (batch, seq_len), device=device,
+                        generator=torch.Generator(device=device).manual_seed(0))
+    return timed(lambda: model(input_ids=ids, use_cache=False), device, repeats, warmup=1)
+
+
+@torch.no_grad()
+def decode_tokens_per_s(model, tokenizer, new_tokens: int, device) -> float:
+    ids = tokenizer("The history of", return_tensors="pt").input_ids.to(device)
+    kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                  pad_token_id=tokenizer.pad_token_id, temperature=None, top_p=None, top_k=None)
+    model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **{**kwargs, "max_new_tokens": 4,
+                                                                           "min_new_tokens": 4})
+    sync(device)
+    start = time.perf_counter()
+    model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs)
+    sync(device)
+    return new_tokens / (time.perf_counter() - start)
+
+
+def bench_model(device, dtype, batches, seq_len, new_tokens, repeats, sparse_ok, search_tokens) -> dict:
+    loaded = models.load("default", device=str(device), dtype=dtype)
+    model, tok = loaded.model, loaded.tokenizer
+    sparsity.one_shot(model, "magnitude")
+    vocab = loaded.shape.vocab
+    out = {"model": "default (SmolLM2-135M-Instruct), magnitude 2:4", "dtype": str(dtype).replace("torch.", ""),
+           "seq_len": seq_len, "prefill": [], "decode": {"new_tokens": new_tokens}}
+    dense_prefill = {b: prefill_ms(model, b, seq_len, vocab, device, repeats) for b in batches}
+    out["decode"]["dense_tokens_per_s"] = decode_tokens_per_s(model, tok, new_tokens, device)
+    variants = {}
+    if sparse_ok:
+        for label, search in (("sparse", 0), ("sparse_search", search_tokens)):
+            sparse_model = copy.deepcopy(model)
+            try:
+                conv = sparsity.to_semi_structured(sparse_model, search_tokens=search)
+                variants[label] = (sparse_model, conv)
+            except Exception as e:  # report, do not hide: the table says what failed
+                out[f"{label}_error"] = str(e).splitlines()[0][:200]
+    for b in batches:
+        row = {"batch": b, "tokens": b * seq_len, "dense_ms": dense_prefill[b]}
+        for label, (m, _) in variants.items():
+            try:
+                row[f"{label}_ms"] = prefill_ms(m, b, seq_len, vocab, device, repeats)
+                row[f"{label}_speedup"] = row["dense_ms"] / row[f"{label}_ms"]
+            except Exception as e:
+                row[f"{label}_error"] = str(e).splitlines()[0][:200]
+        out["prefill"].append(row)
+        print(json.dumps(row), file=sys.stderr, flush=True)
+    for label, (m, conv) in variants.items():
+        out[f"{label}_converted_layers"] = len(conv["converted"])
+        out[f"{label}_skipped_layers"] = len(conv["skipped"])
+        try:
+            tps = decode_tokens_per_s(m, tok, new_tokens, device)
+            out["decode"][f"{label}_tokens_per_s"] = tps
+            out["decode"][f"{label}_speedup"] = tps / out["decode"]["dense_tokens_per_s"]
+        except Exception as e:
+            out["decode"][f"{label}_error"] = str(e).splitlines()[0][:200]
+    return out
+
+
+def summarize(result: dict) -> dict:
+    s = {"2:4 kernels available": result["sparse_kernels"]["available"]}
+    layers = [r for r in result["layers"] if "speedup" in r]
+    if layers:
+        best = max(layers, key=lambda r: max(r["speedup"], r.get("speedup_search", 0)))
+        s["best layer speedup"] = max(best["speedup"], best.get("speedup_search", 0))
+        s["best layer"] = f"{best['out']}x{best['in']} @ {best['tokens']} tokens"
+        s["worst layer speedup"] = min(max(r["speedup"], r.get("speedup_search", 0)) for r in layers)
+    m = result["model"]
+    for row in m["prefill"]:
+        s[f"prefill b{row['batch']} dense ms"] = row["dense_ms"]
+        if "sparse_speedup" in row:
+            s[f"prefill b{row['batch']} 2:4 speedup"] = max(row["sparse_speedup"], row.get("sparse_search_speedup", 0))
+    s["decode dense tok/s"] = m["decode"]["dense_tokens_per_s"]
+    if "sparse_speedup" in m["decode"]:
+        s["decode 2:4 speedup"] = max(m["decode"]["sparse_speedup"], m["decode"].get("sparse_search_speedup", 0))
+    return s
+
+
+def verdict(result: dict) -> str:
+    if not result["sparse_kernels"]["available"]:
+        return "not measured: " + result["sparse_kernels"]["reason"]
+    faster = [r for r in result["layers"] if max(r.get("speedup", 0), r.get("speedup_search", 0)) > 1.05]
+    if not faster:
+        return "2:4 was not faster than dense for any layer shape measured here"
+    return "2:4 faster than dense (>5%) for: " + ", ".join(
+        f"{r['out']}x{r['in']}@{r['tokens']}" for r in faster)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--device", default=None)
+    p.add_argument("--out", default=str(Path(__file__).parent / "results" / "sparse.json"))
+    p.add_argument("--repeats", type=int, default=None)
+    p.add_argument("--search-tokens", type=int, default=2048, help="token count for the cuSPARSELt search")
+    args = p.parse_args()
+    device = models.pick_device(args.device)
+    cuda = device.type == "cuda"
+    dtype = torch.bfloat16 if cuda else torch.float32
+    sparse_ok, reason = kernels_available(device)
+    repeats = args.repeats or (20 if cuda else 3)
+    # a CPU run keeps to the small shapes and short inputs: it measures only the dense side
+    shapes = SMALL + (LARGE if cuda else [])
+    token_counts = [1, 16, 512, 4096] if cuda else [1, 512]
+    batches = [1, 4, 16, 64] if cuda else [1, 4]
+    seq_len = 512 if cuda else 128
+    new_tokens = 64 if cuda else 16
+    started = time.time()
+    load_before = os.getloadavg()[0]  # other processes on the machine distort CPU timings
+    result = {
+        "device": device_name(device), "torch": torch.__version__, "dtype": str(dtype).replace("torch.", ""),
+        "sparse_kernels": {"available": sparse_ok, "reason": reason},
+        "layers": bench_layers(device, dtype, shapes, token_counts, repeats, sparse_ok),
+        "model": bench_model(device, dtype, batches, seq_len, new_tokens, repeats, sparse_ok, args.search_tokens),
+    }
+    result["verdict"] = verdict(result)
+    result["summary"] = summarize(result)
+    result["seconds"] = time.time() - started
+    result["load_average"] = {"start": load_before, "end": os.getloadavg()[0], "cpus": os.cpu_count()}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2))
+    print(json.dumps(result["summary"]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

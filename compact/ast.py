@@ -1,0 +1,280 @@
+"""AST, Adaptive Sparse Training (arXiv 2407.20584): N:M sparse training by distillation.
+
+The training loop is compact.distill's; AST is a set of TrainHooks around it:
+- the targeted linears compute with W~ = m * W; the backward is straight-through, so the dense W
+  receives the gradient of W~ unchanged and pruned weights can grow back;
+- the boolean masks are recomputed from |W| every `mask_interval` optimizer steps; the flip rate
+  against the previous and the initial masks is logged;
+- pruned weights are decayed with lambda(t) = alpha * min(t, T0) (the paper's annealed decay);
+- optionally SLoRB: a trainable S per linear on group sums of the input (compact.sparsity);
+- at the end the masked weights become exact zeros and the modules are plain again, so the
+  checkpoint is an ordinary one (SLoRB's S goes to a side file that compact.models.load reads).
+
+The module is named after the method; it does not shadow the standard library's `ast` for
+code outside this package (absolute imports).
+"""
+
+from __future__ import annotations
+
+import types
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformers.pytorch_utils import Conv1D
+
+from compact import distill, sparsity
+from compact.arch import weight_oi
+from compact.errors import UserError
+
+# When --decay-alpha is not given: the paper's GPT-2 run, a linear ramp to 1e-4 over the first
+# quarter of training (10k of 40k steps).
+DEFAULT_DECAY_MAX = 1e-4
+DEFAULT_DECAY_RAMP = 0.25
+
+
+@dataclass
+class AstConfig:
+    model: str = "default"          # the dense model to sparsify (the student starts from it)
+    out: str = ""
+    teacher: str | None = None      # default: the same dense model
+    data: str = "builtin"
+    n: int = 2
+    m: int = 4
+    tokens: int = 65536
+    seq_len: int = 256
+    batch: int = 8
+    grad_accum: int = 1
+    lr: float = 1e-4
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 10
+    clip: float = 1.0
+    temperature: float = 2.0        # the paper: KL at tau = 2 mixed with CE (GPT-2: 0.67 / 0.33)
+    kd_weight: float = 0.67
+    ce_weight: float = 0.33
+    mask_interval: int = 10         # recompute masks every this many optimizer steps
+    decay_alpha: float | None = None  # lambda(t) = alpha * min(t, t0); None: see DEFAULT_DECAY_*
+    decay_t0: int | None = None
+    slorb_k: int = 0                # SLoRB block size; 0 = off
+    checkpoint_every: int = 50
+    eval_tokens: int = 8192
+    seed: int = 0
+    resume: bool = False
+    device: str | None = None
+    dtype: str | None = None
+
+    def total_steps(self) -> int:
+        return max(1, self.tokens // (self.seq_len * self.batch * self.grad_accum))
+
+    def decay(self) -> tuple[float, int]:
+        """(alpha, T0) with the defaults filled in."""
+        t0 = self.decay_t0 if self.decay_t0 is not None else \
+            max(1, round(DEFAULT_DECAY_RAMP * self.total_steps()))
+        alpha = self.decay_alpha if self.decay_alpha is not None else DEFAULT_DECAY_MAX / t0
+        return float(alpha), int(t0)
+
+    def check(self) -> None:
+        sparsity.check_nm(self.n, self.m)
+        if self.mask_interval < 1:
+            raise UserError("the mask interval must be at least 1 step")
+        if self.slorb_k < 0:
+            raise UserError("the SLoRB block size must be positive (or 0 for none)")
+        if self.decay_alpha is not None and self.decay_alpha < 0:
+            raise UserError("the decay alpha cannot be negative")
+        if self.decay_t0 is not None and self.decay_t0 < 0:
+            raise UserError("the decay T0 cannot be negative")
+
+
+def decay_lambda(step: int, alpha: float, t0: int) -> float:
+    """The annealed decay on pruned weights: alpha * t up to T0, then alpha * T0."""
+    return alpha * min(step, t0)
+
+
+class MaskedWeight(torch.autograd.Function):
+    """W~ = m * W forward; straight-through backward (dW = dW~), so pruned weights keep learning."""
+
+    @staticmethod
+    def forward(ctx, weight: Tensor, mask: Tensor) -> Tensor:
+        return weight * mask
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return grad, None
+
+
+def flip_rate(a: Tensor, b: Tensor) -> tuple[int, int]:
+    """(entries that differ, entries) between two masks."""
+    return int((a != b).sum()), a.numel()
+
+
+def _ast_forward(self, x: Tensor) -> Tensor:
+    w = MaskedWeight.apply(self.weight, self.ast_mask)
+    y = F.linear(x, w.T if isinstance(self, Conv1D) else w, self.bias)
+    if hasattr(self, "slorb_s"):
+        y = y + F.linear(sparsity.group_sum(x, self.slorb_k), self.slorb_s)
+    return y
+
+
+def _stored(mask_oi: Tensor, module: nn.Module) -> Tensor:
+    """A (out, in) mask in the module's own weight layout."""
+    return mask_oi.T.contiguous() if isinstance(module, Conv1D) else mask_oi
+
+
+class AstHooks(distill.TrainHooks):
+    """AST inside compact.distill's loop. State (masks, step) goes into its checkpoints."""
+
+    name = "ast"
+
+    def __init__(self, cfg: AstConfig):
+        cfg.check()
+        self.cfg = cfg
+        self.alpha, self.t0 = cfg.decay()
+        self.linears: dict[str, nn.Module] = {}
+        self.masks: dict[str, Tensor] = {}          # current, (out, in), bool
+        self.initial: dict[str, Tensor] = {}        # at the start of training
+        self.step = 0
+        self.last = {"flip_prev": 0.0, "flip_init": 0.0}
+        self.slorb: dict | None = None
+        self.summary: dict | None = None
+
+    # -- set-up
+    def prepare(self, student) -> None:
+        sparsity.check_widths(student, self.cfg.m)
+        if self.cfg.slorb_k:
+            sparsity.check_widths(student, self.cfg.slorb_k)
+        self.linears = sparsity.target_linears(student)
+        for name, mod in self.linears.items():
+            keep = sparsity.nm_mask(weight_oi(mod), self.cfg.n, self.cfg.m)
+            self.masks[name], self.initial[name] = keep, keep.clone()
+            mod.register_buffer("ast_mask", _stored(keep, mod).to(mod.weight.dtype), persistent=False)
+            if self.cfg.slorb_k:
+                s = sparsity.slorb_init(weight_oi(mod), keep, self.cfg.slorb_k)
+                mod.slorb_s = nn.Parameter(s.to(mod.weight.device, mod.weight.dtype))
+                mod.slorb_k = self.cfg.slorb_k
+            mod.forward = types.MethodType(_ast_forward, mod)
+        if self.cfg.slorb_k:
+            self.slorb = sparsity.slorb_params(student, self.cfg.slorb_k, self.cfg.n, self.cfg.m)
+
+    # -- each step
+    def before_step(self, step, student, optimizer) -> None:
+        self.step = step
+        if step > 0 and step % self.cfg.mask_interval == 0:
+            self._update_masks()
+
+    @torch.no_grad()
+    def _update_masks(self) -> None:
+        prev = init = total = 0
+        for name, mod in self.linears.items():
+            keep = sparsity.nm_mask(weight_oi(mod), self.cfg.n, self.cfg.m)
+            p, t = flip_rate(keep, self.masks[name])
+            i, _ = flip_rate(keep, self.initial[name])
+            prev, init, total = prev + p, init + i, total + t
+            self.masks[name] = keep
+            mod.ast_mask.copy_(_stored(keep, mod).to(mod.ast_mask.dtype))
+        self.last = {"flip_prev": prev / total, "flip_init": init / total}
+
+    @torch.no_grad()
+    def after_backward(self, step, student, optimizer) -> None:
+        # The decay joins the gradient before the optimizer, so that AdamW (distill's default,
+        # whose state the checkpoints already carry) folds lambda * (~m * W) into both moments.
+        # The paper's Adam form adds it to the first moment's step direction instead; both
+        # push only pruned weights toward zero at the annealed rate, and this way needs no
+        # optimizer of our own. It comes before clipping (distill clips after this hook).
+        lam = decay_lambda(step, self.alpha, self.t0)
+        if lam == 0:
+            return
+        for name, mod in self.linears.items():
+            w = mod.weight
+            if w.grad is None:
+                w.grad = torch.zeros_like(w)
+            w.grad.add_(w * (1 - mod.ast_mask), alpha=lam)
+
+    def after_step(self, step, student, optimizer) -> dict:
+        return {"decay_lambda": decay_lambda(step, self.alpha, self.t0), **self.last}
+
+    # -- checkpoints
+    def release(self) -> None:
+        """Plain modules again without touching the weights (after a cancelled run)."""
+        for mod in self.linears.values():
+            if "forward" in mod.__dict__:
+                del mod.forward
+            if hasattr(mod, "ast_mask"):
+                del mod.ast_mask
+            if hasattr(mod, "slorb_s"):
+                sparsity.detach_slorb(mod)
+
+    def settings(self) -> dict:
+        c = self.cfg
+        return {"pattern": f"{c.n}:{c.m}", "mask_interval": c.mask_interval, "decay_alpha": self.alpha,
+                "decay_t0": self.t0, "slorb_k": c.slorb_k}
+
+    def state_dict(self) -> dict:
+        return {"settings": self.settings(), "step": self.step, "last": dict(self.last),
+                "masks": {k: v.cpu() for k, v in self.masks.items()},
+                "initial": {k: v.cpu() for k, v in self.initial.items()}}
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict) -> None:
+        for key, value in state["settings"].items():  # distill checks only its own settings
+            if self.settings().get(key) != value:
+                raise UserError(f"--resume needs the same AST settings: {key} was {value!r}, "
+                                f"now {self.settings().get(key)!r}")
+        self.step, self.last = int(state["step"]), dict(state["last"])
+        for name, mod in self.linears.items():
+            keep = state["masks"][name].to(mod.weight.device, torch.bool)
+            self.masks[name] = keep
+            self.initial[name] = state["initial"][name].to(mod.weight.device, torch.bool)
+            mod.ast_mask.copy_(_stored(keep, mod).to(mod.ast_mask.dtype))
+
+    # -- the end
+    @torch.no_grad()
+    def finalize(self, student) -> dict:
+        """Masked weights to exact zeros, modules back to plain ones (SLoRB kept for inference)."""
+        slorb_s = {}
+        for name, mod in self.linears.items():
+            weight_oi(mod).mul_(self.masks[name].to(mod.weight.dtype))
+            del mod.forward
+            del mod.ast_mask
+            if hasattr(mod, "slorb_s"):
+                slorb_s[name] = sparsity.detach_slorb(mod)
+        meta = {"ast": {**self.settings(), **self.last},
+                "sparsity": sparsity.sparsity_summary(student, self.cfg.n, self.cfg.m)}
+        self.summary = meta["sparsity"]
+        if slorb_s:
+            sparsity.attach_slorb_all(student, slorb_s, self.cfg.slorb_k)
+            if self.cfg.out:
+                meta["slorb"] = sparsity.save_slorb(student, self.cfg.out, self.cfg.slorb_k)
+        return meta
+
+
+def distill_config(cfg: AstConfig) -> "distill.DistillConfig":
+    names = {f.name for f in fields(distill.DistillConfig)}
+    shared = {k: getattr(cfg, k) for k in (
+        "data", "out", "tokens", "seq_len", "batch", "grad_accum", "lr", "min_lr_ratio", "warmup_steps",
+        "clip", "temperature", "kd_weight", "ce_weight", "checkpoint_every", "eval_tokens", "seed",
+        "resume", "device", "dtype") if k in names}
+    return distill.DistillConfig(teacher=cfg.teacher or cfg.model, student=cfg.model, **shared)
+
+
+def run_ast(cfg: AstConfig, on_event=None, should_stop=None, teacher=None, student=None) -> dict:
+    """Sparsify cfg.model to N:M by AST; returns distill.run's result plus sparsity and flips.
+
+    teacher, student: already-loaded compact.models.Loaded to use instead of loading the refs
+    (the student is trained in place). Cancel with should_stop(); resume with cfg.resume.
+    """
+    cfg.check()
+    if not cfg.out:
+        raise UserError("AST needs an output folder")
+    hooks = AstHooks(cfg)
+    result = distill.run(distill_config(cfg), hooks=hooks, on_event=on_event, should_stop=should_stop,
+                         teacher=teacher, student=student)
+    result = dict(result)
+    if result.get("status") == "cancelled":
+        hooks.release()  # an in-memory student is left as it was loaded, weights as trained
+    else:
+        result["sparsity"] = hooks.summary
+    result["ast"] = {**hooks.settings(), **hooks.last}
+    if hooks.slorb:
+        result["slorb"] = hooks.slorb
+    return result

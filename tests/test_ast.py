@@ -1,0 +1,193 @@
+import copy
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from compact import ast, distill, models, sparsity
+from compact.arch import weight_oi
+from compact.errors import UserError
+from tests.conftest import run_cli
+
+
+def test_decay_schedule_hand_values():
+    assert [ast.decay_lambda(t, 0.5, 3) for t in range(6)] == [0.0, 0.5, 1.0, 1.5, 1.5, 1.5]
+    assert ast.decay_lambda(10, 2e-8, 3000) == pytest.approx(2e-7)
+    assert ast.decay_lambda(5000, 2e-8, 3000) == pytest.approx(6e-5)
+    # defaults: the paper's GPT-2 ramp to 1e-4 over the first quarter of the steps
+    cfg = ast.AstConfig(tokens=40 * 8 * 256)  # 40 steps of 8 x 256
+    assert cfg.decay() == (pytest.approx(1e-4 / 10), 10)
+
+
+def test_straight_through_gradient():
+    w = torch.tensor([[1.0, -2.0, 3.0, -4.0], [0.5, 0.25, -0.75, 2.0]], requires_grad=True)
+    mask = torch.tensor([[0.0, 0.0, 1.0, 1.0], [1.0, 0.0, 0.0, 1.0]])
+    c = torch.tensor([[10.0, 20.0, 30.0, 40.0], [1.0, 2.0, 3.0, 4.0]])
+    out = ast.MaskedWeight.apply(w, mask)
+    assert out.tolist() == [[0.0, 0.0, 3.0, -4.0], [0.5, 0.0, 0.0, 2.0]]
+    (out * c).sum().backward()
+    assert torch.equal(w.grad, c)  # pruned entries get the masked weight's gradient unchanged
+    # through a linear layer: dL/dW = g^T x for every entry, masked or not
+    x = torch.tensor([[1.0, 2.0, 3.0, 4.0]])
+    w.grad = None
+    (x @ ast.MaskedWeight.apply(w, mask).T).sum().backward()
+    assert torch.equal(w.grad, x.expand(2, 4))
+
+
+def _prepared(make_model, family="llama", **cfg):
+    model = make_model(family)
+    hooks = ast.AstHooks(ast.AstConfig(**cfg))
+    hooks.prepare(model)
+    return model, hooks
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_masked_forward_equals_pruned_model(family, make_model, tokenizer):
+    model, hooks = _prepared(make_model, family)
+    pruned = copy.deepcopy(make_model(family))
+    sparsity.one_shot(pruned, "magnitude")
+    ids = torch.randint(0, len(tokenizer), (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(model(ids).logits, pruned(ids).logits, atol=1e-5)
+    for name, mod in hooks.linears.items():  # the dense weights are untouched
+        assert (weight_oi(mod) != 0).all(), name
+
+
+def test_decay_added_to_pruned_weights_only(make_model):
+    model, hooks = _prepared(make_model, decay_alpha=0.1, decay_t0=4)
+    for mod in hooks.linears.values():
+        mod.weight.grad = torch.full_like(mod.weight, 0.5)
+    hooks.after_backward(6, model, None)  # lambda = 0.1 * min(6, 4) = 0.4
+    for name, mod in hooks.linears.items():
+        keep = hooks.masks[name]
+        w = weight_oi(mod).detach()
+        expected = 0.5 + 0.4 * w * (~keep)
+        assert torch.allclose(mod.weight.grad, expected), name  # llama: (out, in) storage
+
+
+def test_mask_update_and_flip_rates(make_model):
+    model, hooks = _prepared(make_model, mask_interval=5)
+    name, mod = next(iter(hooks.linears.items()))
+    keep0 = hooks.masks[name].clone()
+    with torch.no_grad():
+        w = weight_oi(mod)
+        row = w[0, :4].abs()
+        w[0, :4] = torch.where(keep0[0, :4], row * 1e-3, row + 10)  # flip the first group: 4 changes
+    hooks.before_step(3, model, None)  # not a mask step
+    assert torch.equal(hooks.masks[name], keep0)
+    hooks.before_step(5, model, None)
+    total = sum(m.numel() for m in hooks.masks.values())
+    assert hooks.last["flip_prev"] == pytest.approx(4 / total)
+    assert hooks.last["flip_init"] == pytest.approx(4 / total)
+    assert torch.equal(mod.ast_mask.bool(), hooks.masks[name])
+    with torch.no_grad():  # flip it back: 4 changes vs the previous mask, none vs the initial
+        w[0, :4] = torch.where(keep0[0, :4], row + 20, row * 1e-4)
+    hooks.before_step(10, model, None)
+    assert hooks.last["flip_prev"] == pytest.approx(4 / total)
+    assert hooks.last["flip_init"] == 0.0
+
+
+def test_bad_settings(make_model):
+    with pytest.raises(UserError):
+        ast.AstHooks(ast.AstConfig(n=3, m=2))
+    with pytest.raises(UserError, match="divisible"):
+        _prepared(make_model, slorb_k=48)  # 64 % 48
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+    """A small deterministic corpus (faster to read than builtin; enough for these runs)."""
+    words = ["sparse", "weights", "train", "the", "model", "mask", "group", "of", "four", "keeps", "two"]
+    lines = [" ".join(words[(i * 7 + j * 3) % len(words)] for j in range(12)) + f" {i}." for i in range(600)]
+    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
+    path.write_text("\n\n".join(lines))
+    return str(path)
+
+
+def _cfg(out, data, **kw):
+    base = dict(model="unused", out=str(out), data=data, tokens=32 * 2 * 8, seq_len=32, batch=2,
+                lr=1e-3, warmup_steps=2, mask_interval=3, decay_alpha=1e-3, decay_t0=4, slorb_k=16,
+                checkpoint_every=0, eval_tokens=64, device="cpu")
+    base.update(kw)
+    return ast.AstConfig(**base)
+
+
+def _loaded(model, tokenizer):
+    from compact.arch import for_model
+
+    return models.Loaded(model, tokenizer, for_model(model), "tiny")
+
+
+def _run(cfg, teacher, student_model, tokenizer, should_stop=None):
+    hooks = ast.AstHooks(cfg)
+    result = distill.run(ast.distill_config(cfg), hooks=hooks, should_stop=should_stop,
+                         teacher=teacher, student=_loaded(student_model, tokenizer))
+    return hooks, result
+
+
+def test_resume_is_exact_and_slorb_checkpoint_reloads(make_model, tokenizer, tmp_path, text_file):
+    dense = make_model("llama")
+    teacher = _loaded(copy.deepcopy(dense), tokenizer)
+
+    full_student = copy.deepcopy(dense)
+    full, res_full = _run(_cfg(tmp_path / "full", text_file), teacher, full_student, tokenizer)
+    assert res_full["status"] == "done" and res_full["steps"] == 8
+
+    calls = []
+    cut_student = copy.deepcopy(dense)
+    cfg = _cfg(tmp_path / "cut", text_file)
+    _, res_cut = _run(cfg, teacher, cut_student, tokenizer,
+                      should_stop=lambda: calls.append(1) or len(calls) >= 4)
+    assert res_cut["status"] == "cancelled" and res_cut["steps"] == 4
+    cfg.resume = True
+    resumed, res = _run(cfg, teacher, copy.deepcopy(dense), tokenizer)
+    assert res["status"] == "done" and res["steps"] == 8
+
+    for name in full.masks:
+        assert torch.equal(full.masks[name], resumed.masks[name]), name
+        assert torch.equal(full.initial[name], resumed.initial[name]), name
+    assert full.last == resumed.last and full.last["flip_init"] > 0  # masks did move
+    a, b = load_file(str(tmp_path / "full/model.safetensors")), load_file(str(tmp_path / "cut/model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    sa, sb = load_file(str(tmp_path / "full/slorb.safetensors")), load_file(str(tmp_path / "cut/slorb.safetensors"))
+    assert sa.keys() == sb.keys() and len(sa) == 28 and all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert not any("slorb" in k for k in a)
+
+    # the saved checkpoint: exact 2:4 zeros; SLoRB comes back through compact.models.load
+    meta = json.loads((tmp_path / "full/compact.json").read_text())
+    assert meta["kind"] == "ast" and meta["slorb"]["k"] == 16 and meta["sparsity"]["pattern_ok"]
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "full", dtype=torch.float32)
+    for name, mod in sparsity.target_linears(plain).items():
+        nz = (weight_oi(mod) != 0).reshape(weight_oi(mod).shape[0], -1, 4).sum(-1)
+        assert bool((nz == 2).all()), name
+    ids = torch.randint(0, len(tokenizer), (2, 24), generator=torch.Generator().manual_seed(5))
+    reloaded = models.load(str(tmp_path / "full"), device="cpu")
+    with torch.no_grad():
+        assert torch.equal(reloaded.model(ids).logits, full_student(ids).logits)
+        assert not torch.allclose(plain(ids).logits, full_student(ids).logits)
+
+
+def test_resume_with_other_ast_settings_is_refused(make_model, tokenizer, tmp_path, text_file):
+    dense = make_model("gpt2")
+    teacher = _loaded(copy.deepcopy(dense), tokenizer)
+    cfg = _cfg(tmp_path / "run", text_file, slorb_k=0, tokens=32 * 2 * 4)
+    calls = []
+    _run(cfg, teacher, copy.deepcopy(dense), tokenizer, should_stop=lambda: calls.append(1) or True)
+    other = _cfg(tmp_path / "run", text_file, slorb_k=0, tokens=32 * 2 * 4, mask_interval=7, resume=True)
+    with pytest.raises(UserError, match="mask_interval"):
+        _run(other, teacher, copy.deepcopy(dense), tokenizer)
+
+
+def test_cli_sparsify_ast(tiny_checkpoint, tmp_path, text_file):
+    out = tmp_path / "ast"
+    proc = run_cli("sparsify", "--model", str(tiny_checkpoint("qwen3")), "--out", str(out), "--method", "ast",
+                   "--data", text_file,
+                   "--tokens", "256", "--seq-len", "32", "--batch", "2", "--eval-tokens", "256",
+                   "--slorb-k", "8", "--mask-interval", "2")
+    assert proc.returncode == 0, proc.stderr
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert res["status"] == "done" and res["pattern_ok"] and res["sparsity"] == pytest.approx(0.5)
+    assert res["training"]["steps"] == 4 and res["training"]["slorb"]["k"] == 8
+    assert res["ppl_after"] > 1 and "flip_init" in res["training"]["ast"]
