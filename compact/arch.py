@@ -6,6 +6,8 @@ works on any supported family. Adding a family is one small subclass registered 
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
@@ -75,6 +77,44 @@ class Arch:
             "mlp.up_proj": m.up_proj,
             "mlp.down_proj": m.down_proj,
         }
+
+    # Pruning: how each parameter is sliced. Per dimension, the axis it spans: "ch" (residual
+    # channels), "q" (query-head dims, head-major), "kv" (key/value-head dims), "ffn" (MLP
+    # neurons), "qkv" (GPT-2's fused q|k|v, each part sliced by heads), or None (kept whole).
+    layers_prefix = "model.layers."
+
+    def model_axes(self) -> dict[str, tuple]:
+        return {"model.embed_tokens.weight": (None, "ch"), "model.norm.weight": ("ch",),
+                "lm_head.weight": (None, "ch"), "lm_head.bias": (None,)}
+
+    def block_axes(self) -> dict[str, tuple]:
+        axes = {"input_layernorm.weight": ("ch",), "post_attention_layernorm.weight": ("ch",),
+                "self_attn.q_proj.weight": ("q", "ch"), "self_attn.q_proj.bias": ("q",),
+                "self_attn.o_proj.weight": ("ch", "q"), "self_attn.o_proj.bias": ("ch",),
+                "self_attn.q_norm.weight": (None,), "self_attn.k_norm.weight": (None,),
+                "mlp.gate_proj.weight": ("ffn", "ch"), "mlp.gate_proj.bias": ("ffn",),
+                "mlp.up_proj.weight": ("ffn", "ch"), "mlp.up_proj.bias": ("ffn",),
+                "mlp.down_proj.weight": ("ch", "ffn"), "mlp.down_proj.bias": ("ch",)}
+        for kv in ("k_proj", "v_proj"):
+            axes[f"self_attn.{kv}.weight"] = ("kv", "ch")
+            axes[f"self_attn.{kv}.bias"] = ("kv",)
+        return axes
+
+    def pruned_config(self, config, shape: Shape, kept_layers: list[int]):
+        """A copy of config for the pruned shape; per-layer lists follow the kept layers."""
+        config = copy.deepcopy(config)
+        config.num_hidden_layers = shape.layers
+        config.hidden_size = shape.hidden
+        config.intermediate_size = shape.ffn
+        config.num_attention_heads = shape.heads
+        config.num_key_value_heads = shape.kv_heads
+        config.head_dim = shape.head_dim  # explicit: hidden / heads no longer gives it
+        if isinstance(getattr(config, "layer_types", None), list):
+            config.layer_types = [config.layer_types[i] for i in kept_layers]
+        if isinstance(getattr(config, "max_window_layers", None), int):
+            # Layers from this index on use the sliding window: count the kept layers below it.
+            config.max_window_layers = sum(i < config.max_window_layers for i in kept_layers)
+        return config
 
     def shape(self, config) -> Shape:
         heads = config.num_attention_heads
@@ -163,6 +203,34 @@ class GPT2(Arch):
 
     def block_norms(self, block) -> list[nn.Module]:
         return [block.ln_1, block.ln_2]
+
+    layers_prefix = "transformer.h."
+
+    def model_axes(self) -> dict[str, tuple]:
+        return {"transformer.wte.weight": (None, "ch"), "transformer.wpe.weight": (None, "ch"),
+                "transformer.ln_f.weight": ("ch",), "transformer.ln_f.bias": ("ch",),
+                "lm_head.weight": (None, "ch"), "lm_head.bias": (None,)}
+
+    def block_axes(self) -> dict[str, tuple]:
+        # Conv1D weights are stored (in, out), so the axes read the other way round.
+        return {"ln_1.weight": ("ch",), "ln_1.bias": ("ch",), "ln_2.weight": ("ch",),
+                "ln_2.bias": ("ch",),
+                "attn.c_attn.weight": ("ch", "qkv"), "attn.c_attn.bias": ("qkv",),
+                "attn.c_proj.weight": ("q", "ch"), "attn.c_proj.bias": ("ch",),
+                "mlp.c_fc.weight": ("ch", "ffn"), "mlp.c_fc.bias": ("ffn",),
+                "mlp.c_proj.weight": ("ffn", "ch"), "mlp.c_proj.bias": ("ch",)}
+
+    def pruned_config(self, config, shape: Shape, kept_layers: list[int]):
+        if shape.hidden != shape.heads * shape.head_dim:
+            raise UserError("GPT-2 needs hidden = heads x head_dim")
+        if getattr(config, "scale_attn_by_inverse_layer_idx", False) and \
+                list(kept_layers) != list(range(len(kept_layers))):
+            raise UserError("this GPT-2 scales attention by layer index, so dropping layers "
+                            "would change the kept layers; prune width only")
+        config = copy.deepcopy(config)
+        config.n_layer, config.n_embd, config.n_head = shape.layers, shape.hidden, shape.heads
+        config.n_inner = shape.ffn
+        return config
 
     def linears(self, block) -> dict[str, nn.Module]:
         return {

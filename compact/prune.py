@@ -1,0 +1,327 @@
+"""Trim a model to a smaller Shape with Minitron importance Scores (arXiv 2407.14679, sec. 2.3).
+
+The result is an ordinary checkpoint of the same family: every layer keeps the same number of
+heads, neurons and channels, so the config only changes its sizes. Rules:
+- channels: the `hidden` channels with the highest score (summed over the kept layers' norms
+  and the final norm) are kept in every matrix that reads or writes the residual stream, every
+  norm, the embeddings (GPT-2: positions too) and the LM head (tied stays tied);
+- heads: GQA keeps every KV group and the best `heads / kv_heads` query heads inside each group;
+  multi-head attention (kv_heads == heads) keeps the best heads with their own K and V;
+- GPT-2 computes head_dim = n_embd / n_head, so head_dim stays fixed and hidden = heads x
+  head_dim: a heads target implies the hidden size and the other way round (both given must
+  agree); the residual channels and the heads are still chosen by their own scores;
+- depth: drop the layers with the lowest Block Importance (or loss increase), or a given list.
+Kept indices stay in their original order. The source model is left unchanged.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+from transformers import AutoModelForCausalLM
+from transformers.initialization import no_init_weights
+
+from compact import arch as arch_mod
+from compact.errors import UserError
+from compact.importance import Scores
+from compact.shapes import Shape
+
+DEPTH_METRICS = ("bi", "ppl")
+
+
+@dataclass
+class Plan:
+    """What a pruning target keeps: original indices, ascending, per axis."""
+
+    source: Shape
+    shape: Shape  # the target
+    layers: list[int]  # kept layers
+    channels: list[int]  # kept residual channels
+    heads: list[list[int]]  # kept query heads, one list per kept layer
+    kv_heads: list[list[int]]  # kept key/value heads, one list per kept layer
+    neurons: list[list[int]]  # kept MLP neurons, one list per kept layer
+
+    @property
+    def dropped_layers(self) -> list[int]:
+        kept = set(self.layers)
+        return [i for i in range(self.source.layers) if i not in kept]
+
+    def to_dict(self) -> dict:
+        return {"source": self.source.to_dict(), "shape": self.shape.to_dict(),
+                **{k: v for k, v in asdict(self).items() if k not in ("source", "shape")},
+                "dropped_layers": self.dropped_layers}
+
+
+def _positive(name: str, value, limit: int) -> int | None:
+    if value is None:
+        return None
+    try:
+        value = int(value)
+    except (TypeError, ValueError):
+        raise UserError(f"{name} must be a whole number, got '{value}'") from None
+    if value <= 0:
+        raise UserError(f"{name} must be positive, got {value}")
+    if value > limit:
+        raise UserError(f"{name} {value} is larger than the source's {limit}")
+    return value
+
+
+def parse_layer_list(text: str | list | None) -> list[int] | None:
+    """'3,5' or [3, 5] -> [3, 5]; None or '' -> None."""
+    if text is None or text == "" or text == []:
+        return None
+    items = text.split(",") if isinstance(text, str) else list(text)
+    try:
+        return [int(str(x).strip()) for x in items if str(x).strip()]
+    except ValueError:
+        raise UserError(f"a list must be comma-separated whole numbers, got '{text}'") from None
+
+
+def resolve_targets(shape: Shape, layers=None, hidden=None, ffn=None, heads=None,
+                    drop_layers=None, hidden_tied_to_heads: bool = False) -> tuple[Shape, list[int] | None]:
+    """Validate the targets against the source shape: the target Shape and the drop list."""
+    layers = _positive("layers", layers, shape.layers)
+    hidden = _positive("hidden", hidden, shape.hidden)
+    ffn = _positive("ffn", ffn, shape.ffn)
+    heads = _positive("heads", heads, shape.heads)
+    if hidden_tied_to_heads:
+        if heads is not None and hidden is not None and hidden != heads * shape.head_dim:
+            raise UserError(f"GPT-2 ties hidden to heads x head_dim ({shape.head_dim}): "
+                            f"{heads} heads need hidden {heads * shape.head_dim}, not {hidden}")
+        if hidden is not None and heads is None:
+            if hidden % shape.head_dim:
+                raise UserError(f"GPT-2 ties hidden to heads x head_dim: hidden must be a multiple "
+                                f"of {shape.head_dim}, got {hidden}")
+            heads = hidden // shape.head_dim
+        elif heads is not None:
+            hidden = heads * shape.head_dim
+    if heads is not None and shape.kv_heads != shape.heads and heads % shape.kv_heads:
+        raise UserError(f"heads must be a multiple of the {shape.kv_heads} KV heads "
+                        f"(KV groups are kept), got {heads}")
+    drop = parse_layer_list(drop_layers)
+    if drop is not None:
+        bad = [i for i in drop if not 0 <= i < shape.layers]
+        if bad:
+            raise UserError(f"unknown layer index {bad[0]}: the model has layers 0-{shape.layers - 1}")
+        if len(set(drop)) != len(drop):
+            raise UserError("the list of layers to drop repeats an index")
+        if len(drop) >= shape.layers:
+            raise UserError("cannot drop every layer")
+        if layers is not None and layers != shape.layers - len(drop):
+            raise UserError(f"dropping {len(drop)} of {shape.layers} layers leaves "
+                            f"{shape.layers - len(drop)}, not {layers}")
+        layers = shape.layers - len(drop)
+    return shape.with_targets(layers=layers, hidden=hidden, ffn=ffn, heads=heads), drop
+
+
+def _top(scores: torch.Tensor, k: int, offset: int = 0) -> list[int]:
+    """Indices of the k highest scores, ascending; ties go to the lower index."""
+    order = torch.sort(scores.float(), descending=True, stable=True).indices[:k]
+    return sorted(int(i) + offset for i in order)
+
+
+def _check_scores(scores: Scores, shape: Shape) -> None:
+    expect = (shape.layers, shape.heads, shape.ffn, shape.hidden)
+    got = (scores.heads.shape[0], scores.heads.shape[1], scores.neurons.shape[1],
+           scores.channels.numel())
+    if expect != got:
+        raise UserError(f"the importance scores are for another shape (layers, heads, ffn, hidden) "
+                        f"= {got}; this model has {expect}")
+
+
+def plan(scores: Scores | None, shape: Shape, layers=None, hidden=None, ffn=None, heads=None,
+         depth_metric: str = "bi", drop_layers=None, family: str | None = None) -> Plan:
+    """Which layers, channels, heads and neurons a target keeps. Cheap: no model needed.
+
+    family (default: the one recorded in scores) decides GPT-2's hidden/heads coupling.
+    """
+    family = family or (scores.meta.get("family") if scores is not None else None)
+    tied = arch_mod.FAMILIES[family].hidden_tied_to_heads if family in arch_mod.FAMILIES else False
+    target, drop = resolve_targets(shape, layers, hidden, ffn, heads, drop_layers, tied)
+    if depth_metric not in DEPTH_METRICS:
+        raise UserError(f"unknown depth metric '{depth_metric}': use bi or ppl")
+    needs_scores = (target.hidden < shape.hidden or target.ffn < shape.ffn
+                    or target.heads < shape.heads or (target.layers < shape.layers and drop is None))
+    if needs_scores:
+        if scores is None:
+            raise UserError("this target needs importance scores (an importance file or data)")
+        _check_scores(scores, shape)
+
+    if drop is not None:
+        kept_layers = [i for i in range(shape.layers) if i not in set(drop)]
+    elif target.layers < shape.layers:
+        metric = scores.layers_bi if depth_metric == "bi" else scores.layers_ppl
+        if metric is None:
+            raise UserError("these scores have no perplexity layer importance; "
+                            "compute it with --depth-ppl or use --depth-metric bi")
+        kept_layers = _top(metric, target.layers)
+    else:
+        kept_layers = list(range(shape.layers))
+
+    if target.hidden < shape.hidden:
+        channel_scores = scores.channels_per_layer[kept_layers].sum(0) + scores.channels_final
+        channels = _top(channel_scores, target.hidden)
+    else:
+        channels = list(range(shape.hidden))
+
+    heads_kept, kv_kept, neurons = [], [], []
+    for layer in kept_layers:
+        neurons.append(_top(scores.neurons[layer], target.ffn) if target.ffn < shape.ffn
+                       else list(range(shape.ffn)))
+        if target.heads == shape.heads:
+            heads_kept.append(list(range(shape.heads)))
+            kv_kept.append(list(range(shape.kv_heads)))
+        elif shape.kv_heads == shape.heads:  # multi-head: each head brings its own K and V
+            kept = _top(scores.heads[layer], target.heads)
+            heads_kept.append(kept)
+            kv_kept.append(kept)
+        else:  # GQA: the same number of query heads kept inside every KV group
+            group = shape.heads // shape.kv_heads
+            per_group = target.heads // shape.kv_heads
+            row = scores.heads[layer]
+            heads_kept.append([h for g in range(shape.kv_heads)
+                               for h in _top(row[g * group:(g + 1) * group], per_group, g * group)])
+            kv_kept.append(list(range(shape.kv_heads)))
+    return Plan(shape, target, kept_layers, channels, heads_kept, kv_kept, neurons)
+
+
+def _dims(heads: list[int], head_dim: int) -> torch.Tensor:
+    return torch.tensor([h * head_dim + d for h in heads for d in range(head_dim)], dtype=torch.long)
+
+
+def _residual_pairs(scores: Scores, layer: int, p: Plan, position: int) -> list[tuple[int, int]]:
+    """Head residual pairs (kept head i, pruned head j) inside each KV group (or all heads).
+
+    With heads ranked best first, the weakest kept heads take i = K-(L-K)+1 .. K (1-based)
+    paired with j = 2K-i+1: the weakest kept head meets the strongest pruned one.
+    """
+    s = p.source
+    groups = ([list(range(s.heads))] if s.kv_heads == s.heads else
+              [list(range(g * (s.heads // s.kv_heads), (g + 1) * (s.heads // s.kv_heads)))
+               for g in range(s.kv_heads)])
+    kept = set(p.heads[position])
+    pairs = []
+    for members in groups:
+        ranked = sorted(members, key=lambda h: -float(scores.heads[layer, h]))
+        k, total = sum(h in kept for h in members), len(members)
+        for i in range(max(1, 2 * k - total + 1), k + 1):
+            pairs.append((ranked[i - 1], ranked[2 * k - i]))
+    return pairs
+
+
+def _apply_head_residual(t: torch.Tensor, dim: int, pairs, head_dim: int, offset: int = 0) -> torch.Tensor:
+    """new head_i = head_i + (head_i - head_j) on the head's slice of t along dim."""
+    t = t.clone()
+    for i, j in pairs:
+        a = t.narrow(dim, offset + i * head_dim, head_dim)
+        b = t.narrow(dim, offset + j * head_dim, head_dim)
+        a.copy_(2 * a - b)
+    return t
+
+
+def apply(model, p: Plan, scores: Scores | None = None, head_residual: bool = False):
+    """A new model of the plan's shape holding the kept slices of model's weights."""
+    arch = arch_mod.for_model(model)
+    s = p.source
+    if head_residual and scores is None:
+        raise UserError("the head residual needs head importance scores")
+    model_axes, block_axes = arch.model_axes(), arch.block_axes()
+    position = {layer: n for n, layer in enumerate(p.layers)}
+    channels = torch.tensor(p.channels, dtype=torch.long)
+    attn_width = s.heads * s.head_dim
+    new_sd = {}
+    for key, tensor in model.state_dict().items():
+        if key.startswith(arch.layers_prefix):
+            layer_text, name = key[len(arch.layers_prefix):].split(".", 1)
+            layer = int(layer_text)
+            if layer not in position:
+                continue
+            n = position[layer]
+            axes = block_axes.get(name)
+            q, kv = _dims(p.heads[n], s.head_dim), _dims(p.kv_heads[n], s.head_dim)
+            index = {"ch": channels, "q": q, "kv": kv, "ffn": torch.tensor(p.neurons[n]),
+                     "qkv": torch.cat([q, attn_width + kv, 2 * attn_width + kv])}
+            key = f"{arch.layers_prefix}{n}.{name}"
+            if head_residual and p.shape.heads < s.heads and axes is not None:
+                pairs = _residual_pairs(scores, layer, p, n)
+                for dim, axis in enumerate(axes):
+                    if axis in ("q", "qkv"):  # query heads only; "qkv": its q part comes first
+                        tensor = _apply_head_residual(tensor, dim, pairs, s.head_dim)
+        else:
+            axes = model_axes.get(key)
+            index = {"ch": channels}
+        if axes is None:
+            raise RuntimeError(f"no pruning rule for parameter '{key}' in the {arch.family} adapter")
+        for dim, axis in enumerate(axes):
+            if axis is not None:
+                tensor = tensor.index_select(dim, index[axis].to(tensor.device))
+        new_sd[key] = tensor.contiguous()
+
+    config = arch.pruned_config(model.config, p.shape, p.layers)
+    param = next(model.parameters())
+    # Skip random init: every weight is overwritten by the loaded slices right away.
+    with no_init_weights(), torch.device(param.device):
+        new = AutoModelForCausalLM.from_config(config, dtype=param.dtype)
+    new.load_state_dict(new_sd, strict=True, assign=True)  # the slices become the parameters
+    new.tie_weights()  # after assign, and because no_init_weights skipped init's own tying
+    new.generation_config = copy.deepcopy(model.generation_config)
+    return new.eval()
+
+
+def trim(model, scores: Scores | None, layers=None, hidden=None, ffn=None, heads=None,
+         depth_metric: str = "bi", drop_layers=None, head_residual: bool = False):
+    """The model pruned to the targets (None keeps an axis); a new model, the source unchanged."""
+    return trim_with_plan(model, scores, layers, hidden, ffn, heads, depth_metric, drop_layers,
+                          head_residual)[0]
+
+
+def trim_with_plan(model, scores, layers=None, hidden=None, ffn=None, heads=None,
+                   depth_metric="bi", drop_layers=None, head_residual=False):
+    arch = arch_mod.for_model(model)
+    p = plan(scores, arch.shape(model.config), layers, hidden, ffn, heads, depth_metric,
+             drop_layers, family=arch.family)
+    return apply(model, p, scores, head_residual), p
+
+
+def param_count(model) -> int:
+    return sum(t.numel() for t in model.parameters())
+
+
+def prune_and_save(loaded, scores: Scores | None, out, head_residual: bool = False,
+                   depth_metric: str = "bi", **targets) -> dict:
+    """Prune loaded.model to the targets and write a standard checkpoint with compact.json."""
+    from compact import models
+
+    start = time.perf_counter()
+    model, p = trim_with_plan(loaded.model, scores, depth_metric=depth_metric,
+                              head_residual=head_residual, **targets)
+    seconds = time.perf_counter() - start
+    params = param_count(model)
+    meta = {
+        "method": "minitron",
+        "source": loaded.ref,
+        "source_shape": p.source.to_dict(),
+        "shape": p.shape.to_dict(),
+        "targets": {k: v for k, v in targets.items() if v is not None},
+        "depth_metric": depth_metric,
+        "head_residual": bool(head_residual),
+        "kept_layers": p.layers,
+        "dropped_layers": p.dropped_layers,
+        "importance": scores.meta if scores is not None else None,
+        "params": params,
+    }
+    models.save(model, loaded.tokenizer, out, meta)
+    shape = p.shape
+    return {
+        "out": str(out),
+        "family": loaded.arch.family,
+        "shape": {k: getattr(shape, k) for k in ("layers", "hidden", "ffn", "heads", "kv_heads",
+                                                  "head_dim")},
+        "params": params,
+        "source_params": param_count(loaded.model),
+        "dropped_layers": p.dropped_layers,
+        "trim_seconds": round(seconds, 3),
+    }

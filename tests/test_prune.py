@@ -1,0 +1,364 @@
+"""Trimming to a Shape: exact where nothing real is removed, standard checkpoints, bad targets."""
+
+import copy
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoModelForCausalLM
+
+from compact import arch as arch_mod
+from compact import importance, models, prune
+from compact.arch import weight_oi
+from compact.errors import UserError
+from tests.conftest import FAMILIES, run_cli
+from tests.test_importance import _zero, calib, kill_head, make_identity
+
+ATOL = 1e-5
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def fake_scores(model, seed: int = 0) -> importance.Scores:
+    """Random positive scores of the model's shape, for tests that plant the ranking."""
+    s = arch_mod.for_model(model).shape(model.config)
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *size: torch.rand(*size, generator=g) + 1
+    per_layer = r(s.layers, s.hidden)
+    return importance.Scores(r(s.layers, s.heads), r(s.layers, s.ffn), per_layer.sum(0) + r(s.hidden),
+                             per_layer, r(s.layers), r(s.layers),
+                             {"family": arch_mod.for_model(model).family})
+
+
+class KeptChannelsNorm(nn.Module):
+    """A residual norm whose statistics use only the kept channels; dropped channels read 0.
+
+    This is what channel pruning computes: with pre-norm blocks the residual stream is only
+    ever read through norms, so the original model with these norms must give the pruned
+    model's logits for any channel choice (and fails for any wrongly sliced matrix)."""
+
+    def __init__(self, norm: nn.Module, kept: torch.Tensor, layer_norm: bool):
+        super().__init__()
+        self.norm, self.kept, self.layer_norm = norm, kept, layer_norm
+
+    def forward(self, x):
+        xk, w = x[..., self.kept], self.norm.weight[self.kept]
+        if self.layer_norm:
+            y = F.layer_norm(xk, (len(self.kept),), w, self.norm.bias[self.kept], self.norm.eps)
+        else:
+            eps = self.norm.variance_epsilon
+            y = w * (xk * torch.rsqrt(xk.pow(2).mean(-1, keepdim=True) + eps))
+        out = torch.zeros_like(x)
+        out[..., self.kept] = y
+        return out
+
+
+def with_kept_channel_norms(model, kept: list[int]):
+    ref = copy.deepcopy(model)
+    a = arch_mod.for_model(ref)
+    targets = {id(n) for b in a.blocks(ref) for n in a.block_norms(b)} | {id(a.final_norm(ref))}
+    kept_t = torch.tensor(kept)
+    for parent in list(ref.modules()):
+        for name, child in list(parent.named_children()):
+            if id(child) in targets:
+                setattr(parent, name, KeptChannelsNorm(child, kept_t, a.family == "gpt2"))
+    return ref
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_same_shape_leaves_logits_unchanged(family, make_model, tokenizer):
+    model = make_model(family)
+    ids = calib(len(tokenizer), n=2)
+    s = arch_mod.for_model(model).shape(model.config)
+    for targets in ({}, dict(layers=s.layers, hidden=s.hidden, ffn=s.ffn, heads=s.heads)):
+        pruned = prune.trim(model, fake_scores(model), **targets)
+        assert torch.equal(logits(pruned, ids), logits(model, ids))
+    assert pruned is not model
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_zeroed_heads_and_neurons_prune_exactly(family, make_model, tokenizer):
+    model = make_model(family)
+    a = arch_mod.for_model(model)
+    s = a.shape(model.config)
+    scores = fake_scores(model)
+    # GQA (2 groups of 2): one dead query head per group. GPT-2 (MHA): one dead head.
+    dead_heads = [1] if family == "gpt2" else [1, 2]
+    dead_neurons = [3, 40, 41, 100]
+    for i, block in enumerate(a.blocks(model)):
+        for h in dead_heads:  # the head's columns of the output projection
+            with torch.no_grad():
+                weight_oi(a.attn_out(block))[:, h * s.head_dim:(h + 1) * s.head_dim] = 0
+            scores.heads[i, h] = 0
+        with torch.no_grad():
+            weight_oi(a.mlp_out(block))[:, dead_neurons] = 0
+        scores.neurons[i, dead_neurons] = 0
+    ids = calib(len(tokenizer), n=2)
+    heads = s.heads - len(dead_heads)
+    pruned, plan = prune.trim_with_plan(model, scores, heads=heads, ffn=s.ffn - len(dead_neurons))
+    assert all(sorted(set(range(s.heads)) - set(k)) == dead_heads for k in plan.heads)
+    reference = model
+    if family == "gpt2":  # GPT-2 ties hidden to heads x head_dim: channels go too
+        assert plan.shape.hidden == heads * s.head_dim
+        reference = with_kept_channel_norms(model, plan.channels)
+    torch.testing.assert_close(logits(pruned, ids), logits(reference, ids), atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_channel_pruning_equals_norms_over_kept_channels(family, make_model, tokenizer):
+    model = make_model(family)
+    s = arch_mod.for_model(model).shape(model.config)
+    hidden = 48
+    heads = hidden // s.head_dim if family == "gpt2" else None
+    pruned, plan = prune.trim_with_plan(model, fake_scores(model, seed=3), hidden=hidden, heads=heads)
+    assert len(plan.channels) == hidden and plan.channels != list(range(hidden))
+    ids = calib(len(tokenizer), n=2)
+    reference = with_kept_channel_norms(model, plan.channels)
+    if family == "gpt2":  # a head went with the channels: silence it in the reference
+        ra = arch_mod.for_model(reference)
+        for block, kept in zip(ra.blocks(reference), plan.heads):
+            for h in set(range(s.heads)) - set(kept):
+                with torch.no_grad():
+                    weight_oi(ra.attn_out(block))[:, h * s.head_dim:(h + 1) * s.head_dim] = 0
+    torch.testing.assert_close(logits(pruned, ids), logits(reference, ids), atol=ATOL, rtol=0)
+    # A wrong choice of channels is caught by the same comparison.
+    wrong = with_kept_channel_norms(model, sorted(set(range(s.hidden)) - {plan.channels[0]})[:hidden])
+    assert (logits(pruned, ids) - logits(wrong, ids)).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3"])
+def test_dead_channels_of_rmsnorm_models(family, make_model, tokenizer):
+    """Channels that are zero everywhere in the residual stream (embedding column and every
+    writer zero) carry nothing, yet RMSNorm divides by the hidden size: after pruning, mean(x^2)
+    runs over h' channels instead of h. Exactly: the pruned model equals the original with every
+    residual norm's weight scaled by sqrt(h'/h) and its eps by h'/h."""
+    model = make_model(family)
+    a = arch_mod.for_model(model)
+    dead = [0, 7, 30, 31, 63]
+    with torch.no_grad():
+        a.embed(model).weight[:, dead] = 0
+        for block in a.blocks(model):
+            _zero(a.attn_out(block), dead)
+            _zero(a.mlp_out(block), dead)
+    scores = fake_scores(model)
+    scores.channels_per_layer[:, dead] = 0
+    scores.channels[dead] = 0
+    h, h2 = 64, 64 - len(dead)
+    pruned, plan = prune.trim_with_plan(model, scores, hidden=h2)
+    assert sorted(set(range(h)) - set(plan.channels)) == dead
+    reference = copy.deepcopy(model)
+    ra = arch_mod.for_model(reference)
+    with torch.no_grad():
+        for norm in [n for b in ra.blocks(reference) for n in ra.block_norms(b)] + [ra.final_norm(reference)]:
+            norm.weight.mul_((h2 / h) ** 0.5)
+            norm.variance_epsilon *= h2 / h
+    ids = calib(len(tokenizer), n=2)
+    torch.testing.assert_close(logits(pruned, ids), logits(reference, ids), atol=ATOL, rtol=0)
+    assert (logits(pruned, ids) - logits(model, ids)).abs().max() > 1e-4  # the 1/h effect is real
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_identity_block_dropped_by_bi_and_by_list(family, make_model, tokenizer):
+    model = make_model(family)
+    make_identity(model, 2)
+    ids = calib(len(tokenizer), n=2)
+    scores = importance.estimate(model, ids, batch_size=2)
+    by_bi, plan = prune.trim_with_plan(model, scores, layers=3)
+    assert plan.dropped_layers == [2]
+    torch.testing.assert_close(logits(by_bi, ids), logits(model, ids), atol=ATOL, rtol=0)
+    by_list = prune.trim(model, None, drop_layers=[2])
+    torch.testing.assert_close(logits(by_list, ids), logits(model, ids), atol=ATOL, rtol=0)
+    # Layers are renumbered, so the KV cache of generate() still works.
+    out = by_list.generate(input_ids=ids[:1, :8], max_new_tokens=4, do_sample=False)
+    assert out.shape == (1, 12)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_saved_checkpoint_reloads_with_same_logits_and_params(family, make_model, tokenizer, tmp_path):
+    model = make_model(family)
+    ids = calib(len(tokenizer), n=3)
+    scores = importance.estimate(model, ids, batch_size=3)
+    targets = dict(layers=3, ffn=96, heads=2, hidden=32) if family == "gpt2" else \
+        dict(layers=3, ffn=96, heads=2, hidden=40)
+    loaded = models.Loaded(model, tokenizer, arch_mod.for_model(model), "tiny")
+    summary = prune.prune_and_save(loaded, scores, tmp_path / "out", **targets)
+    expected = arch_mod.for_model(model).shape(model.config).with_targets(**targets)
+    assert summary["params"] == expected.params
+    assert {k: summary["shape"][k] for k in targets} == targets
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out")  # plain transformers
+    assert sum(p.numel() for p in reloaded.parameters()) == expected.params
+    assert arch_mod.for_model(reloaded).shape(reloaded.config) == expected
+    in_memory = prune.trim(model, scores, **targets)
+    torch.testing.assert_close(logits(reloaded, ids), logits(in_memory, ids), atol=ATOL, rtol=0)
+    meta = json.loads((tmp_path / "out" / "compact.json").read_text())
+    assert meta["source"] == "tiny" and meta["shape"] == expected.to_dict()
+    assert meta["targets"] == targets and meta["importance"]["batch_agg"] == "l2"
+    if expected.tied:
+        assert reloaded.lm_head.weight.data_ptr() == reloaded.get_input_embeddings().weight.data_ptr()
+
+
+def test_gqa_keeps_every_group(make_model):
+    model = make_model("llama")  # 4 heads in 2 KV groups: {0, 1}, {2, 3}
+    scores = fake_scores(model)
+    scores.heads[:] = torch.tensor([10.0, 9.0, 1.0, 2.0])
+    plan = prune.plan(scores, arch_mod.for_model(model).shape(model.config), heads=2)
+    assert plan.heads == [[0, 3]] * 4 and plan.kv_heads == [[0, 1]] * 4
+    assert plan.shape.kv_heads == 2 and plan.shape.heads == 2
+
+
+def test_qwen2_sliding_layers_stay_consistent(make_model, tokenizer, tmp_path):
+    model = make_model("qwen2")
+    model.config.use_sliding_window, model.config.sliding_window = True, 8
+    model.config.max_window_layers = 2
+    model.config.layer_types = ["full_attention"] * 2 + ["sliding_attention"] * 2
+    pruned = prune.trim(model, None, drop_layers=[0])
+    assert pruned.config.layer_types == ["full_attention", "sliding_attention", "sliding_attention"]
+    assert pruned.config.max_window_layers == 1
+    pruned.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert reloaded.config.layer_types == pruned.config.layer_types
+    ids = calib(len(tokenizer), n=1)
+    torch.testing.assert_close(logits(reloaded, ids), logits(pruned, ids), atol=ATOL, rtol=0)
+
+
+def test_head_residual_folds_pruned_heads_into_kept_ones(make_model):
+    model = make_model("llama")
+    scores = fake_scores(model)
+    scores.heads[:] = torch.tensor([4.0, 3.0, 1.0, 2.0])  # group 0 keeps 0 (drops 1), group 1 keeps 3
+    plain = prune.trim(model, scores, heads=2)
+    folded = prune.trim(model, scores, heads=2, head_residual=True)
+    q = model.model.layers[0].self_attn.q_proj.weight
+    o = model.model.layers[0].self_attn.o_proj.weight
+    fq = folded.model.layers[0].self_attn.q_proj.weight
+    fo = folded.model.layers[0].self_attn.o_proj.weight
+    d = 16
+    torch.testing.assert_close(fq[:d], 2 * q[:d] - q[d:2 * d])  # head 0 <- 2 head 0 - head 1
+    torch.testing.assert_close(fq[d:], 2 * q[3 * d:] - q[2 * d:3 * d])  # head 3 <- 2 head 3 - head 2
+    torch.testing.assert_close(fo[:, :d], 2 * o[:, :d] - o[:, d:2 * d])
+    assert torch.equal(folded.model.layers[0].self_attn.k_proj.weight,
+                       plain.model.layers[0].self_attn.k_proj.weight)
+
+
+def _source(family="llama"):
+    from compact.shapes import Shape
+    if family == "gpt2":
+        return Shape(4, 64, 128, 4, 4, 16, 1000, positions=256, gated_mlp=False)
+    return Shape(4, 64, 128, 4, 2, 16, 1000)
+
+
+@pytest.mark.parametrize("targets,message", [
+    (dict(ffn=256), "larger than the source"),
+    (dict(heads=3), "multiple of the 2 KV heads"),
+    (dict(hidden=0), "must be positive"),
+    (dict(layers=-1), "must be positive"),
+    (dict(drop_layers=[4]), "unknown layer index 4"),
+    (dict(drop_layers=[1, 1]), "repeats"),
+    (dict(drop_layers=[1], layers=2), "leaves 3, not 2"),
+    (dict(layers=2, depth_metric="ppl"), "perplexity"),
+    (dict(layers=2, depth_metric="cos"), "unknown depth metric"),
+])
+def test_bad_targets_are_user_errors(targets, message):
+    model_free = importance.Scores(torch.ones(4, 4), torch.ones(4, 128), torch.ones(64),
+                                   torch.ones(4, 64), torch.ones(4), None, {"family": "llama"})
+    with pytest.raises(UserError, match=message):
+        prune.plan(model_free, _source(), **targets)
+
+
+def test_gpt2_hidden_follows_heads():
+    s = _source("gpt2")
+    assert prune.resolve_targets(s, heads=3, hidden_tied_to_heads=True)[0].hidden == 48
+    assert prune.resolve_targets(s, hidden=32, hidden_tied_to_heads=True)[0].heads == 2
+    for bad, message in ((dict(hidden=40), "multiple of 16"), (dict(heads=3, hidden=32), "need hidden 48")):
+        with pytest.raises(UserError, match=message):
+            prune.resolve_targets(s, hidden_tied_to_heads=True, **bad)
+
+
+def test_scores_of_another_model_are_refused(make_model):
+    scores = fake_scores(make_model("llama", ffn=96))
+    with pytest.raises(UserError, match="another shape"):
+        prune.plan(scores, _source(), ffn=64)
+    with pytest.raises(UserError, match="needs importance scores"):
+        prune.plan(None, _source(), ffn=64)
+
+
+def text_file(tmp_path):
+    """A small calibration text (the builtin corpus takes ~15 s to tokenize on first use)."""
+    path = tmp_path / "calib.txt"
+    path.write_text("\n\n".join(f"Paragraph {i}: the quick brown fox jumps over the lazy dog, "
+                                  f"and the model learns which of its parts matter most. " * 4
+                                  for i in range(60)))
+    return path
+
+
+def test_cli_importance_then_prune(tiny_checkpoint, tmp_path):
+    ckpt = str(tiny_checkpoint("qwen2"))
+    scores_file = tmp_path / "scores.safetensors"
+    proc = run_cli("importance", "--model", ckpt, "--data", str(text_file(tmp_path)), "--samples", "4",
+                   "--seq-len", "32", "--depth-ppl", "--out", str(scores_file))
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["samples"] == 4 and out["depth_ppl"] is True
+    assert importance.Scores.load(scores_file).layers_ppl.shape == (4,)
+    proc = run_cli("prune", "--model", ckpt, "--importance", str(scores_file), "--out",
+                   str(tmp_path / "p"), "--layers", "3", "--depth-metric", "ppl", "--ffn", "64",
+                   "--heads", "2", "--hidden", "48")
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["shape"] == {"layers": 3, "hidden": 48, "ffn": 64, "heads": 2, "kv_heads": 2, "head_dim": 16}
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "p")
+    assert sum(p.numel() for p in reloaded.parameters()) == out["params"]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--heads", "3"], "multiple of the 2 KV heads"),
+    (["--ffn", "999"], "larger than the source"),
+    (["--hidden", "0"], "must be positive"),
+    (["--layers", "-2"], "must be positive"),
+    (["--drop-layers", "2,9"], "unknown layer index 9"),
+])
+def test_cli_bad_targets_exit_2(args, message, tiny_checkpoint, tmp_path, capsys):
+    # In-process through cli.main (the same code path as the subprocess, minus ~10 s of imports
+    # per case); test_cli_importance_then_prune covers the real subprocess.
+    from compact import cli
+
+    code = cli.main(["prune", "--model", str(tiny_checkpoint("llama")), "--out", str(tmp_path / "x"), *args])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err[-1].startswith("error: ") and message in err[-1]
+    assert not (tmp_path / "x").exists()
+
+
+def test_default_model_pruned_reloads_and_generates(tmp_path):
+    loaded = models.load("default")
+    from compact import data
+    blocks = data.blocks(str(text_file(tmp_path)), loaded.tokenizer, "calibration", 4, 64)
+    scores = importance.estimate(loaded.model, blocks, batch_size=4)
+    summary = prune.prune_and_save(loaded, scores, tmp_path / "small", heads=6, ffn=1024)
+    expected = loaded.shape.with_targets(heads=6, ffn=1024)
+    assert summary["params"] == expected.params < summary["source_params"]
+    reloaded = models.load(str(tmp_path / "small"))
+    assert reloaded.shape == expected and reloaded.info()["params"] == expected.params
+    assert reloaded.model.config.head_dim == 64 and reloaded.model.config.num_key_value_heads == 3
+    from compact import evaluate
+    out = evaluate.generate(reloaded.model, reloaded.tokenizer, "The capital of France is", 5)
+    assert out["new_tokens"] == 5
+
+
+def test_multi_head_llama_prunes_kv_with_heads(make_model, tokenizer):
+    model = make_model("llama", kv_heads=4)  # kv_heads == heads: every head owns its K and V
+    scores = fake_scores(model)
+    block = model.model.layers[1]
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight[:, 32:48] = 0  # head 2 writes nothing
+    scores.heads[:, 2] = 0
+    pruned = prune.trim(model, scores, heads=3)
+    assert pruned.config.num_key_value_heads == 3 and pruned.config.num_attention_heads == 3
+    assert torch.equal(pruned.model.layers[1].self_attn.k_proj.weight,
+                       torch.cat([block.self_attn.k_proj.weight[:32], block.self_attn.k_proj.weight[48:]]))
+    ids = calib(len(tokenizer), n=2)
+    torch.testing.assert_close(logits(pruned, ids), logits(model, ids), atol=ATOL, rtol=0)
