@@ -140,6 +140,9 @@ class Llama(Arch):
     family = "llama"
     model_types = ("llama",)
 
+    def _traits(self, config) -> dict:
+        return {**super()._traits(config), "hidden_divisible_by_heads": True}
+
 
 class Mistral(Arch):
     family = "mistral"

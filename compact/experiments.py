@@ -22,7 +22,7 @@ import torch
 
 from compact import data, evaluate, models, runs
 from compact.errors import UserError
-from compact.shapes import Shape, valid_values
+from compact.shapes import Shape, shape_error, valid_values
 
 # Each arm names the axes it shrinks; combinations shrink their axes by one common factor.
 AXIS_ARMS = {
@@ -56,14 +56,17 @@ def _nearest(values: list[int], x: float) -> int:
     return min(values, key=lambda v: (abs(v - x), -v))
 
 
-def solve_targets(shape: Shape, axes: tuple[str, ...], target_params: int, hidden_multiple: int = 8,
-                  tolerance: float = 0.05) -> dict:
+def solve_targets(shape: Shape, axes: tuple[str, ...], target_params: int, tolerance: float = 0.05) -> dict:
     """Targets on the given axes, shrunk by one common factor, whose count is nearest the budget."""
     valid = valid_values(shape)
-    valid["hidden"] = [h for h in valid["hidden"] if h % hidden_multiple == 0] or valid["hidden"]
 
     def targets(f: float) -> dict:
-        return {a: _nearest(valid[a], getattr(shape, a) * f) for a in axes}
+        out = {a: _nearest(valid[a], getattr(shape, a) * f) for a in axes if a != "hidden"}
+        if "hidden" in axes:  # hidden after heads: it may have to be a multiple of them
+            heads = out.get("heads", shape.heads)
+            ok = [h for h in valid["hidden"] if shape_error(shape.with_targets(hidden=h, heads=heads)) is None]
+            out["hidden"] = _nearest(ok, shape.hidden * f)
+        return out
 
     lo, hi = 0.0, 1.0
     for _ in range(40):  # params grow with the factor: bisect, then pick the closest rounding

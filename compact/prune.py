@@ -27,7 +27,7 @@ from transformers.initialization import no_init_weights
 from compact import arch as arch_mod
 from compact.errors import UserError
 from compact.importance import Scores
-from compact.shapes import Shape
+from compact.shapes import Shape, shape_error
 
 DEPTH_METRICS = ("bi", "ppl")
 
@@ -114,7 +114,11 @@ def resolve_targets(shape: Shape, layers=None, hidden=None, ffn=None, heads=None
             raise UserError(f"dropping {len(drop)} of {shape.layers} layers leaves "
                             f"{shape.layers - len(drop)}, not {layers}")
         layers = shape.layers - len(drop)
-    return shape.with_targets(layers=layers, hidden=hidden, ffn=ffn, heads=heads), drop
+    target = shape.with_targets(layers=layers, hidden=hidden, ffn=ffn, heads=heads)
+    problem = shape_error(target)
+    if problem:
+        raise UserError(problem)
+    return target, drop
 
 
 def _top(scores: torch.Tensor, k: int, offset: int = 0) -> list[int]:

@@ -14,7 +14,7 @@ from typing import Callable
 
 from compact.errors import UserError
 from compact.importance import Cancelled, Scores
-from compact.shapes import Shape, valid_values
+from compact.shapes import Shape, valid_values, shape_error
 
 SHAPE_FIELDS = ("layers", "hidden", "ffn", "heads", "kv_heads", "head_dim")
 
@@ -64,7 +64,7 @@ def candidates(shape: Shape, target_params: int, tolerance: float = 0.05,
             for n_hidden in hidden_values:
                 for n_ffn in axes["ffn"]:
                     s = shape.with_targets(layers=n_layers, hidden=n_hidden, ffn=n_ffn, heads=n_heads)
-                    if abs(s.params - target_params) <= tolerance * target_params:
+                    if shape_error(s) is None and abs(s.params - target_params) <= tolerance * target_params:
                         found.add(s)
     return sorted(found, key=lambda s: (abs(s.params - target_params), -s.layers, -s.hidden,
                                         -s.heads, -s.ffn))

@@ -27,6 +27,9 @@ class Shape:
     norm_bias: bool = False  # LayerNorm (weight+bias) vs RMSNorm (weight)
     qk_norm: bool = False  # Qwen3 per-head q/k RMSNorm
     positions: int = 0  # learned position embeddings (GPT-2); 0 for rotary
+    # transformers' LlamaConfig refuses a hidden size that is not a multiple of the head
+    # count, even with head_dim given, so a pruned Llama must keep hidden % heads == 0.
+    hidden_divisible_by_heads: bool = False
 
     def with_targets(self, layers=None, hidden=None, ffn=None, heads=None) -> "Shape":
         """The shape after pruning to the given targets (None keeps an axis)."""
@@ -48,6 +51,18 @@ class Shape:
     @property
     def params(self) -> int:
         return count_params(self)
+
+
+def shape_error(s: Shape) -> str | None:
+    """Why a target shape cannot be saved as an ordinary checkpoint, or None if it can."""
+    if min(s.layers, s.hidden, s.ffn, s.heads, s.kv_heads) <= 0:
+        return "every axis must be positive"
+    if s.heads % s.kv_heads:
+        return f"heads ({s.heads}) must be a multiple of the {s.kv_heads} KV heads"
+    if s.hidden_divisible_by_heads and s.hidden % s.heads:
+        return (f"hidden ({s.hidden}) must be a multiple of heads ({s.heads}): transformers' "
+                "config for this family requires it")
+    return None
 
 
 def count_params(s: Shape) -> int:
