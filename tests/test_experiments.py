@@ -35,3 +35,34 @@ def test_attention_alone_cannot_cut_a_fifth_of_smollm2():
 def test_unreachable_budget_is_a_user_error():
     with pytest.raises(UserError, match="cannot reach"):
         experiments.solve_targets(SMOLLM2, ("heads",), int(SMOLLM2.params * 0.999))
+
+
+def test_experiments_end_to_end_on_a_tiny_model(tiny_checkpoint, tmp_path, monkeypatch):
+    monkeypatch.setenv("COMPACT_RUNS_DB", str(tmp_path / "runs.sqlite"))
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(f"Paragraph {i}: the quick brown fox jumps over the lazy dog {i} times."
+                                  for i in range(600)))
+    # Embeddings dominate a tiny model: one layer is about half a percent of it.
+    cfg = experiments.ExperimentConfig(model=str(tiny_checkpoint("qwen2")), out=str(tmp_path / "axis"),
+                                       data=str(corpus), keep=0.995, tokens=64, seq_len=16, batch=2,
+                                       samples=4, eval_tokens=64)
+    arms = {"depth": ("layers",), "mlp": ("ffn",)}
+    result = experiments.axis_ablation(cfg, arms=arms)
+    rows = {r["arm"]: r for r in result["rows"]}
+    assert set(rows) == {"original", "depth", "mlp", "random init (width shape)"}
+    assert rows["depth"]["layers"] < 4 and rows["mlp"]["ffn"] < 128 and rows["mlp"]["layers"] == 4
+    assert all(r["loss_after"] is not None and r["loss_before"] > 0 for k, r in rows.items() if k != "original")
+    assert (tmp_path / "axis" / "results.md").read_text().count("\n|") >= 5
+    recorded = runs.RunStore().list()
+    assert len(recorded) == 3 and {r["status"] for r in recorded} == {"succeeded"}
+
+    cfg.out = str(tmp_path / "kd")
+    kd = experiments.kd_vs_ce(cfg)
+    assert [r["arm"] for r in kd["rows"]] == ["logit distillation (KL)", "cross-entropy only"]
+    assert json.loads((tmp_path / "kd" / "results.json").read_text())["rows"][0]["tokens"] > 0
+
+
+def test_experiment_cli_rejects_bad_budgets(tiny_checkpoint, tmp_path):
+    proc = run_cli("experiment", "axis-ablation", "--model", str(tiny_checkpoint("llama")),
+                   "--out", str(tmp_path / "x"), "--keep", "1.5")
+    assert proc.returncode == 2 and "--keep" in proc.stderr
