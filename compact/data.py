@@ -202,6 +202,11 @@ def split_region(stream: torch.Tensor, split: str) -> torch.Tensor:
     return stream[int(n * lo): int(n * hi)]
 
 
+# The blocks are held in memory as int64: this bounds one request to 2 GiB of token ids, far
+# beyond any run this tool is for, so an absurd budget is refused instead of exhausting memory.
+MAX_TOKENS = 2**28
+
+
 def blocks(src: str, tokenizer, split: str, n_blocks: int | None, seq_len: int,
            seed: int = 0, model=None) -> torch.Tensor:
     """n_blocks token blocks of seq_len from one split, shuffled by seed.
@@ -212,6 +217,9 @@ def blocks(src: str, tokenizer, split: str, n_blocks: int | None, seq_len: int,
     """
     if seq_len < 2:
         raise UserError("sequence length must be at least 2")
+    if n_blocks is not None and n_blocks * seq_len > MAX_TOKENS:
+        raise UserError(f"{n_blocks * seq_len:,} tokens are more than one run may ask for "
+                        f"(at most {MAX_TOKENS:,})")
     region = split_region(token_stream(src, tokenizer, model), split)
     available = len(region) // seq_len
     if available == 0:

@@ -19,6 +19,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import torch
+from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from compact import arch as arch_mod
@@ -213,8 +214,12 @@ def load(ref: str = DEFAULT_REF, device: str | None = None, dtype=None,
     try:
         model = AutoModelForCausalLM.from_pretrained(source, config=config, **kwargs)
         tok = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError, RuntimeError) as e:
+    except (OSError, ValueError, RuntimeError, SafetensorError) as e:  # corrupt weights included
         raise UserError(f"cannot load '{ref}': {_first_line(e)}") from None
+    if meta.get("slorb"):  # an AST checkpoint with SLoRB terms kept beside the base weights
+        from compact import sparsity
+
+        sparsity.load_slorb(model, path, meta["slorb"])
     return _finish(Loaded(model, tok, arch, ref, meta), dev, dt)
 
 
@@ -226,12 +231,16 @@ def _finish(loaded: Loaded, device: torch.device, dtype: torch.dtype) -> Loaded:
     return loaded
 
 
-def save(model, tokenizer, out: str | os.PathLike, meta: dict | None = None) -> Path:
-    """Write an ordinary safetensors checkpoint, the tokenizer and compact.json."""
+def save(model, tokenizer, out: str | os.PathLike, meta: dict | None = None,
+         state_dict: dict | None = None) -> Path:
+    """Write an ordinary safetensors checkpoint, the tokenizer and compact.json.
+
+    state_dict: the weights to write instead of the model's own (a gathered FSDP state dict).
+    """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     _drop_quantization(model)
-    model.save_pretrained(out)
+    model.save_pretrained(out, state_dict=state_dict)
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
     (out / "compact.json").write_text(json.dumps(meta or {}, indent=2, default=str))

@@ -95,6 +95,17 @@ class RunStore:
         with self._connect() as db:
             db.execute("DELETE FROM runs WHERE id=?", (run_id,))
 
+    def writing(self, artifact: str) -> int | None:
+        """The id of a running job (its process alive) whose output is this path, if any."""
+        target = Path(artifact).expanduser().resolve()
+        with self._connect() as db:
+            rows = db.execute("SELECT id, pid, artifact FROM runs WHERE status='running'"
+                              " AND artifact IS NOT NULL").fetchall()
+        for r in rows:
+            if Path(r["artifact"]).expanduser().resolve() == target and (r["pid"] is None or _alive(r["pid"])):
+                return int(r["id"])
+        return None
+
     def mark_crashed(self) -> int:
         """Runs of this host left 'running' by a process that no longer exists."""
         host = socket.gethostname()
@@ -154,6 +165,10 @@ def track(kind: str, base_model: str | None, inputs: dict | None = None, artifac
     so bad input leaves the store as it was.
     """
     store = store or RunStore()
+    if artifact:
+        busy = store.writing(artifact)
+        if busy is not None:
+            raise UserError(f"run {busy} is still writing {artifact}; wait for it or pick another output")
     run = Run(store, store.start(kind, base_model, inputs, artifact, session))
     try:
         yield run

@@ -45,6 +45,7 @@ class Settings:
     max_age_hours: int = 72  # artifacts older than this are cleaned
     disk_quota_gb: int = 20  # and the oldest are cleaned beyond this
     model_cache_gb: float = 4.0  # memory bound of the shared model cache
+    shared_runs: bool = False  # every visitor sees every run (a private, single-team server)
 
 
 def load() -> Settings:
@@ -67,6 +68,7 @@ def load() -> Settings:
         max_age_hours=_int("COMPACT_MAX_AGE_HOURS", 72),
         disk_quota_gb=_int("COMPACT_DISK_QUOTA_GB", 20),
         model_cache_gb=float(os.environ.get("COMPACT_MODEL_CACHE_GB", "4")),
+        shared_runs=_flag("COMPACT_SHARED_RUNS"),
     )
 
 

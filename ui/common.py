@@ -14,6 +14,44 @@ from ui import state as st
 # with a limit, so a GPU is never asked to hold two jobs' activations at once.
 HEAVY = dict(concurrency_id="gpu", concurrency_limit=st.SETTINGS.gpu_concurrency)
 DATA_CHOICES = ["builtin", "teacher"]
+UPLOAD_TYPES = [".txt", ".jsonl"]
+
+try:  # ZeroGPU on Hugging Face Spaces: a GPU is attached only inside functions marked for it
+    import spaces as _spaces
+except ImportError:
+    _spaces = None
+
+
+def gpu(fn: Callable) -> Callable:
+    """spaces.GPU(fn) where the `spaces` package is importable (ZeroGPU); fn itself elsewhere."""
+    return _spaces.GPU(fn) if _spaces is not None else fn
+
+
+def take_upload(path: str | None, request: gr.Request) -> str:
+    """Copy an uploaded .txt/.jsonl into the session folder (inside the allowed folders) and
+    return its path as the data source. Gradio already refused it if over max_file_size."""
+    import shutil
+    from pathlib import Path
+
+    from compact.errors import UserError
+    from ui import jobs
+
+    if not path:
+        return gr.skip()
+    src = Path(path)
+    if src.suffix.lower() not in UPLOAD_TYPES:
+        raise gr.Error(f"uploads must be {' or '.join(UPLOAD_TYPES)} files, not '{src.suffix or src.name}'")
+    folder = st.session_dir(jobs.session_id(request)) / "uploads"
+    folder.mkdir(exist_ok=True)
+    dest = folder / src.name
+    shutil.copyfile(src, dest)
+    try:
+        from compact import data
+        data.file_texts(dest)  # empty, binary, not UTF-8, jsonl without text: say so now
+    except UserError as e:
+        dest.unlink(missing_ok=True)
+        raise gr.Error(str(e)) from None
+    return str(dest)
 
 
 @dataclass

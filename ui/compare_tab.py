@@ -14,7 +14,7 @@ import gradio as gr
 from compact import data, evaluate
 from ui import jobs, model_tab
 from ui import state as st
-from ui.common import DATA_CHOICES, HEAVY, Ctx, human, model_choices
+from ui.common import DATA_CHOICES, HEAVY, Ctx, gpu, human, model_choices
 
 SLOTS = 4
 EVAL_SEQ_LEN = 256
@@ -30,11 +30,14 @@ def short(ref: str) -> str:
     return path.name if path.is_absolute() else ref
 
 
+@gpu
 @jobs.user_errors
 def compare(original: str, slot1: str, slot2: str, slot3: str, prompt: str, max_new_tokens: int,
             temperature: float, top_p: float, seed: int, chat: bool, with_ppl: bool, src: str,
             eval_tokens: int):
     refs = [original or "default", slot1, slot2, slot3]
+    if with_ppl:
+        src = st.check_data(src)
     texts, speeds, rows = [""] * SLOTS, [""] * SLOTS, []
     results: list[dict] = []
     for i, ref in enumerate(refs):

@@ -10,7 +10,7 @@ import gradio as gr
 from compact import distill
 from ui import jobs, plots
 from ui import state as st
-from ui.common import DATA_CHOICES, HEAVY, Ctx, model_choices
+from ui.common import DATA_CHOICES, HEAVY, UPLOAD_TYPES, Ctx, gpu, model_choices, take_upload
 
 
 def loss_plot(events: list[dict]):
@@ -35,6 +35,7 @@ def status_line(e: dict) -> str:
             + (f" · ETA {eta:.0f} s" if eta is not None else ""))
 
 
+@gpu
 @jobs.user_errors
 def run(teacher: str, student: str, src: str, tokens: int, seq_len: int, batch: int, lr: float,
         temperature: float, kd_weight: float, ce_weight: float, hidden_weight: float, resume: bool,
@@ -45,6 +46,7 @@ def run(teacher: str, student: str, src: str, tokens: int, seq_len: int, batch: 
     if not student or not str(student).strip():
         raise gr.Error("pick a student: a pruned model from this session or any model reference")
     student = st.check_ref(student)
+    src = st.check_data(src)
     previous = st.resumable(state, "distilled", student=student)
     if resume and previous is None:
         raise gr.Error("nothing to resume: this session has no cancelled distillation of that student")
@@ -131,6 +133,8 @@ def build(ctx: Ctx) -> None:
             hidden_weight = gr.Number(value=0.0, label="Hidden-state weight")
             eval_tokens = gr.Number(value=8192, precision=0, minimum=0, label="Validation tokens")
             resume = gr.Checkbox(value=False, label="Resume the last run of this student")
+        upload = gr.File(label="Or upload training text (.txt or .jsonl with a 'text' field)",
+                         file_types=UPLOAD_TYPES, type="filepath", height=80)
         with gr.Row():
             go = gr.Button("Distill", variant="primary")
             stop = gr.Button("Cancel", variant="stop")
@@ -142,5 +146,6 @@ def build(ctx: Ctx) -> None:
                      [loss, status, result, ctx.state], api_name="distill", **HEAVY)
     ctx.output_events.append(event)
     stop.click(jobs.cancel, None, status, queue=False, api_visibility="private")
+    upload.upload(take_upload, upload, src, api_name="upload_distill_data")
     ctx.on_outputs.append((choices, [ctx.state], [student]))
     ctx.on_model.append((teacher_ref, [ctx.state], [teacher]))

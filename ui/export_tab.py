@@ -82,6 +82,24 @@ def push(path: str | None, repo_id: str, token: str, private: bool, state: dict 
     return f"Pushed to [{repo_id}](https://huggingface.co/{repo_id}) ({getattr(info, 'commit_url', '')})"
 
 
+RUN_COLUMNS = ["id", "kind", "status", "base_model", "artifact", "artifact_exists", "error", "started"]
+
+
+def list_runs(request: gr.Request) -> dict:
+    """This session's runs from the runs store (every run when the server shares runs), newest
+    first; the store outlives restarts, so earlier runs and their artifacts stay listed."""
+    from compact import runs
+
+    sid = None if st.SETTINGS.shared_runs else jobs.session_id(request)
+    rows = []
+    for r in runs.RunStore().list(session=sid, limit=200):
+        if sid is None and r["session"] is None:
+            continue  # CLI runs of the operator's own shell are not the visitors' business
+        r["artifact_exists"] = bool(r["artifact"]) and Path(r["artifact"]).exists()
+        rows.append([r[c] for c in RUN_COLUMNS])
+    return {"headers": RUN_COLUMNS, "data": rows}
+
+
 def build(ctx: Ctx) -> None:
     with gr.Tab("Export", id="export"):
         gr.Markdown("Every output of this session: download it, push it to the Hub, or remake it "
@@ -101,7 +119,11 @@ def build(ctx: Ctx) -> None:
                 private = gr.Checkbox(value=True, label="Private")
             push_btn = gr.Button("Push")
             pushed = gr.Markdown()
+        with gr.Accordion("Runs", open=False):
+            runs_btn = gr.Button("Refresh runs")
+            runs_table = gr.Dataframe(headers=RUN_COLUMNS, interactive=False, label="Runs of this session")
     output.change(describe, [output, ctx.state], [cmd, what], api_name="export_command")
     zip_btn.click(make_zip, [output, ctx.state], file, api_name="export_zip")
     push_btn.click(push, [output, repo_id, token, private, ctx.state], pushed, api_name="push")
     ctx.on_outputs.append((choices, [ctx.state], [output]))
+    runs_btn.click(list_runs, None, runs_table, api_name="runs")

@@ -9,7 +9,7 @@ import gradio as gr
 from compact import data, importance
 from ui import jobs, plots
 from ui import state as st
-from ui.common import DATA_CHOICES, HEAVY, Ctx, current
+from ui.common import DATA_CHOICES, HEAVY, UPLOAD_TYPES, Ctx, current, gpu, take_upload
 
 DEFAULT_SAMPLES = 32
 DEFAULT_SEQ_LEN = 256
@@ -52,12 +52,14 @@ def command(ref: str, src: str, samples: int, seq_len: int, batch_agg: str, seq_
     return shlex.join(parts)
 
 
+@gpu
 @jobs.user_errors
 def run(src: str, samples: int, seq_len: int, batch_agg: str, seq_agg: str, depth_ppl: bool,
         state: dict | None, request: gr.Request, progress=gr.Progress()):
     state = st.session(state)
     sid = jobs.session_id(request)
     samples, seq_len = int(samples), int(seq_len)
+    src = st.check_data(src)
     if samples < 1 or seq_len < 2:
         raise gr.Error("samples must be at least 1 and the sequence length at least 2")
     loaded = current(state)
@@ -102,6 +104,8 @@ def build(ctx: Ctx) -> None:
             batch_agg = gr.Dropdown(list(importance.AGGREGATIONS), value="l2", label="Batch aggregation")
             seq_agg = gr.Dropdown(list(importance.AGGREGATIONS), value="mean", label="Sequence aggregation")
             depth_ppl = gr.Checkbox(value=False, label="Layer perplexity (one pass per layer, slower)")
+        upload = gr.File(label="Or upload calibration text (.txt or .jsonl with a 'text' field)",
+                         file_types=UPLOAD_TYPES, type="filepath", height=80)
         with gr.Row():
             go = gr.Button("Estimate importance", variant="primary")
             stop = gr.Button("Cancel", variant="stop")
@@ -116,3 +120,4 @@ def build(ctx: Ctx) -> None:
     go.click(run, [src, samples, seq_len, batch_agg, seq_agg, depth_ppl, ctx.state],
              [heads, neurons, channels, layers, result, status, ctx.state], api_name="importance", **HEAVY)
     stop.click(jobs.cancel, None, status, queue=False, api_name="cancel")
+    upload.upload(take_upload, upload, src, api_name="upload_importance_data")

@@ -31,6 +31,29 @@ class Cancelled(Exception):
     """The job stopped because its stop flag was set."""
 
 
+class OutOfMemory(RuntimeError):
+    """A job ran out of memory (GPU, or CPU where an allocation was refused)."""
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    import torch
+
+    # CUDA raises torch.OutOfMemoryError; the CPU allocator a RuntimeError with this text.
+    return isinstance(e, torch.OutOfMemoryError) or (
+        isinstance(e, RuntimeError) and "can't allocate memory" in str(e))
+
+
+def release_memory() -> None:
+    """Give back what a failed job held, so the next job (and other sessions) can run."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 class Job:
     """What a worker gets: progress and event reporting, the stop check, its run record."""
 
@@ -79,7 +102,17 @@ def run(work: Callable[[Job], Any], sid: str, kind: str, base_model: str | None 
         try:
             with runs.track(kind, base_model, inputs, artifact, session=sid) as record:
                 job.record = record
-                result = work(job)
+                oom = None
+                try:
+                    result = work(job)
+                except Exception as e:
+                    if not is_out_of_memory(e):
+                        raise
+                    oom = str(e).strip().splitlines()[-1][:300] if str(e).strip() else type(e).__name__
+                if oom is not None:  # outside the except block: the failed frames are gone now
+                    release_memory()
+                    raise OutOfMemory(f"out of memory in {kind} ({oom}); lower the batch, the "
+                                      "sequence length or the number of samples")
                 record.cancelled = flag.is_set()
             inbox.put(("done", result))
         except BaseException as e:  # handed to the generator, which re-raises it
@@ -98,6 +131,8 @@ def run(work: Callable[[Job], Any], sid: str, kind: str, base_model: str | None 
                     raise gr.Error(str(payload)) from None
                 if isinstance(payload, gr.Error):
                     raise payload
+                if isinstance(payload, OutOfMemory):  # recorded as failed; the server goes on
+                    raise gr.Error(str(payload)) from None
                 traceback.print_exception(payload)
                 raise gr.Error(f"internal error: {type(payload).__name__}: {payload}") from None
             if what == "done":

@@ -9,7 +9,7 @@ import gradio as gr
 
 from compact import evaluate, models
 from ui import state as st
-from ui.common import HEAVY, Ctx, gib, human
+from ui.common import HEAVY, Ctx, gib, gpu, human
 from ui.jobs import user_errors
 
 
@@ -27,6 +27,7 @@ def card(info: dict) -> str:
     )
 
 
+@gpu
 @user_errors
 def load(ref: str, state: dict | None, progress=gr.Progress()):
     state = st.session(state)
@@ -39,6 +40,7 @@ def load(ref: str, state: dict | None, progress=gr.Progress()):
     return card(info), info, state
 
 
+@gpu
 @user_errors
 def stream_generate(ref: str, prompt: str, max_new_tokens: int, temperature: float, seed: int,
                     chat: bool):

@@ -16,7 +16,7 @@ from compact.errors import UserError
 from compact.shapes import Shape
 from ui import importance_tab, jobs
 from ui import state as st
-from ui.common import DATA_CHOICES, HEAVY, Ctx, current, gib, human
+from ui.common import DATA_CHOICES, HEAVY, Ctx, current, gib, gpu, human
 
 EVAL_TOKENS = 4096
 EVAL_SEQ_LEN = 256
@@ -130,11 +130,13 @@ def command(ref: str, out: str, tg: dict, scores_path: str | None, depth_metric:
     return shlex.join(parts)
 
 
+@gpu
 @jobs.user_errors
 def run_prune(base: Shape | None, layers, hidden, ffn, heads, depth_metric: str, src: str,
               eval_tokens: int, state: dict | None, request: gr.Request, progress=gr.Progress()):
     state = st.session(state)
     sid = jobs.session_id(request)
+    src = st.check_data(src)
     loaded = current(state)
     base = loaded.shape
     tg = targets(base, layers, hidden, ffn, heads)

@@ -13,7 +13,7 @@ import gradio as gr
 from compact import data, evaluate, models, sparsity
 from ui import jobs, plots
 from ui import state as st
-from ui.common import DATA_CHOICES, HEAVY, Ctx, current
+from ui.common import DATA_CHOICES, HEAVY, Ctx, current, gpu
 
 METHODS = ["magnitude", "wanda", "sparsegpt", "ast"]
 EVAL_SEQ_LEN = 256
@@ -53,12 +53,14 @@ def command(ref: str, out: str, method: str, pattern: str, src: str, samples: in
     return shlex.join(parts)
 
 
+@gpu
 @jobs.user_errors
 def run(method: str, pattern: str, src: str, samples: int, seq_len: int, eval_tokens: int,
         tokens: int, batch: int, lr: float, slorb_k: int, mask_interval: int, resume: bool,
         state: dict | None, request: gr.Request, progress=gr.Progress()):
     state = st.session(state)
     sid = jobs.session_id(request)
+    src = st.check_data(src)
     n, m = sparsity.parse_pattern(pattern)
     samples, seq_len, eval_tokens = int(samples), int(seq_len), int(eval_tokens)
     tokens, batch, slorb_k, mask_interval = int(tokens), int(batch), int(slorb_k or 0), int(mask_interval)

@@ -37,12 +37,22 @@ def session_dir(session_hash: str | None) -> Path:
 
 
 def next_output(session_hash: str | None, kind: str) -> Path:
-    """A fresh folder name for a job's output: pruned-1, pruned-2, ..."""
+    """A fresh folder name for a job's output: pruned-1, pruned-2, ...
+
+    The folder is made here (mkdir fails if it exists), so two jobs started at once never get
+    the same name; a file output (importance-N.safetensors) sits beside its reserved folder.
+    """
     folder = session_dir(session_hash)
     n = 1
-    while (folder / f"{kind}-{n}").exists():
+    while True:
+        path = folder / f"{kind}-{n}"
+        if not path.with_suffix(".safetensors").exists():
+            try:
+                path.mkdir()
+                return path
+            except FileExistsError:
+                pass
         n += 1
-    return folder / f"{kind}-{n}"
 
 
 def model_bytes(model) -> int:
@@ -56,6 +66,21 @@ def check_ref(ref: str | None) -> str:
     if ref != models.DEFAULT_REF and looks_local:
         return str(settings.safe_path(ref, SETTINGS.allowed_dirs))
     return ref
+
+
+DATA_KEYWORDS = ("builtin", "teacher")
+
+
+def check_data(src: str | None) -> str:
+    """A data source a visitor may use: builtin, teacher, hf:NAME, or a .txt/.jsonl file inside
+    the allowed folders (uploads are copied into the session folder, which is inside)."""
+    src = (src or "").strip() or "builtin"
+    if src in DATA_KEYWORDS or src.startswith("hf:"):
+        return src
+    path = Path(src).expanduser()
+    if "/" in src or path.suffix or path.exists():
+        return str(settings.safe_path(src, SETTINGS.allowed_dirs))
+    return src  # no path at all: compact.data says which sources there are
 
 
 def cache_key(ref: str | None) -> str:
