@@ -338,6 +338,8 @@ def _search(p):
     p.add_argument("--min-fraction", type=float, default=0.5, help="smallest size per axis")
     p.add_argument("--depth-metric", default="bi", choices=["bi", "ppl"])
     p.add_argument("--importance", default=None, help="scores file from 'importance' (else --data)")
+    p.add_argument("--adapt-tokens", type=int, default=0,
+                   help="distill each candidate this many tokens before ranking (the paper's short retraining)")
     _calibration_args(p, samples=32)
 
     def run(a):
@@ -358,13 +360,18 @@ def _search(p):
                  f"scoring {len(chosen)}")
         scores = _scores_for(a, loaded, True)
         blocks = _calibration_blocks(a, loaded)
-        rows = search.rank(loaded.model, scores, chosen, blocks, a.batch, a.depth_metric,
+        adapt = None
+        if a.adapt_tokens:
+            if a.adapt_tokens < 0:
+                raise UserError("--adapt-tokens must be positive")
+            adapt = search.distill_adapter(loaded, a.data or "builtin", a.adapt_tokens, a.seq_len, a.batch)
+        rows = search.rank(loaded.model, scores, chosen, blocks, a.batch, a.depth_metric, adapt=adapt,
                            progress=lambda f, msg: progress(f"{msg} ({f:.0%})"))
         progress(f"{'layers':>6} {'hidden':>6} {'ffn':>6} {'heads':>5} {'params':>12} {'loss':>8} {'ppl':>9}")
         for r in rows:
             progress(f"{r['layers']:>6} {r['hidden']:>6} {r['ffn']:>6} {r['heads']:>5} "
                      f"{r['params']:>12,} {r['loss']:>8.4f} {r['ppl']:>9.2f}")
-        return {"model": a.model, "budget": budget, "tolerance": a.tolerance,
+        return {"model": a.model, "budget": budget, "tolerance": a.tolerance, "adapt_tokens": a.adapt_tokens,
                 "candidates_in_budget": len(found), "ranked": rows}
 
     return run

@@ -104,6 +104,26 @@ def rank(model, scores: Scores, shapes: list[Shape], blocks, batch_size: int = 8
     return sorted(rows, key=lambda r: r["loss"])
 
 
+def distill_adapter(teacher, data: str, tokens: int, seq_len: int = 128, batch: int = 4,
+                    lr: float = 1e-4, seed: int = 0) -> Callable:
+    """The paper's short retraining before ranking: each candidate distilled from the teacher
+    (a compact.models.Loaded) for the same number of tokens, in a throwaway folder."""
+    import tempfile
+
+    from compact import distill, models
+
+    def adapt(pruned):
+        with tempfile.TemporaryDirectory(prefix="compact-search-") as out:
+            student = models.Loaded(pruned, teacher.tokenizer, teacher.arch, "candidate")
+            cfg = distill.DistillConfig(teacher=teacher.ref, student="candidate", data=data, out=out,
+                                        tokens=tokens, seq_len=seq_len, batch=batch, lr=lr,
+                                        eval_tokens=0, checkpoint_every=0, seed=seed)
+            distill.run(cfg, teacher=teacher, student=student)
+        return pruned
+
+    return adapt
+
+
 def parse_params(text: str, source_params: int) -> int:
     """'90M', '1.5B', '90000000', or a fraction of the source such as '0.7'."""
     t = str(text).strip().upper().replace("_", "")

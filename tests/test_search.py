@@ -87,3 +87,19 @@ def test_cli_search(tiny_checkpoint, tmp_path):
     losses = [r["loss"] for r in out["ranked"]]
     assert losses == sorted(losses)
     assert all(abs(r["params"] - out["budget"]) <= 0.1 * out["budget"] for r in out["ranked"])
+
+
+def test_rank_after_short_distillation(make_model, tokenizer, tmp_path):
+    from compact import models
+
+    model = make_model("llama")
+    teacher = models.Loaded(model, tokenizer, arch_mod.for_model(model), "tiny")
+    blocks = calib(len(tokenizer), n=2)
+    scores = importance.estimate(model, blocks, batch_size=2)
+    shapes = [arch_mod.for_model(model).shape(model.config).with_targets(ffn=64)]
+    adapt = search.distill_adapter(teacher, str(text_file(tmp_path)), tokens=64, seq_len=16, batch=2, lr=1e-2)
+    plain = search.rank(model, scores, shapes, blocks)[0]
+    adapted = search.rank(model, scores, shapes, blocks, adapt=adapt)[0]
+    # The candidate was trained before scoring (its loss moved) and the teacher was left alone.
+    assert adapted["loss"] != plain["loss"] and adapted["params"] == plain["params"]
+    assert search.rank(model, scores, shapes, blocks)[0]["loss"] == plain["loss"]
