@@ -68,7 +68,7 @@ def speed(loaded, blocks, batch, repeats) -> dict:
     pairs = [(wall(run_plain, device), wall(run_hooked, device)) for _ in range(repeats)]
     median = lambda xs: sorted(xs)[len(xs) // 2]
     scores = importance.estimate(model, blocks, batch_size=batch)
-    target = dict(heads=6, ffn=1024, hidden=512, layers=26)
+    target = dict(heads=6, ffn=1024, hidden=480, layers=26)
     trim = min(wall(lambda: prune.trim(model, scores, **target), device)[0] for _ in range(repeats))
     return {"tokens": tokens, "batch": batch, "seq_len": blocks.shape[1], "repeats": repeats,
             "plain_tokens_per_s": tokens / min(p[0] for p, _ in pairs),
