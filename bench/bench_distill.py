@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import resource
 import statistics
 import subprocess
@@ -38,15 +37,7 @@ from compact import data, distill, models, prune  # noqa: E402
 MODES = ("plain", "ce_chunked", "distill")
 
 
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+from bench.common import device_name, sync  # noqa: E402
 
 
 def rss_bytes() -> int:

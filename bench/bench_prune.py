@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -30,15 +29,7 @@ from compact import data, evaluate, importance, models, prune, search  # noqa: E
 from compact.arch import weight_oi  # noqa: E402
 
 
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+from bench.common import device_name, sync  # noqa: E402
 
 
 @torch.no_grad()

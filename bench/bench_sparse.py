@@ -18,7 +18,6 @@ import argparse
 import copy
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -35,15 +34,7 @@ SMALL = [(576, 576), (192, 576), (1536, 576), (576, 1536)]   # default model: q/
 LARGE = [(4096, 4096), (14336, 4096), (4096, 14336)]          # an 8B model
 
 
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+from bench.common import device_name, sync  # noqa: E402
 
 
 def timed(fn, device, repeats: int, warmup: int = 2) -> float:

@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from bench.bench_app import device_name  # noqa: E402
+from bench.common import device_name  # noqa: E402
 
 
 def percentile(values: list[float], q: float) -> float:
