@@ -8,7 +8,7 @@ seed) always yields the same blocks.
 
 builtin: the Python Language Reference topics (pydoc_data) and the longer docstrings of the
 standard library: English prose written by Python's contributors, shipped with every
-CPython, under the PSF License 2.0. About 300k tokens with SmolLM2's tokenizer.
+CPython, under the PSF License 2.0. About 325k tokens with SmolLM2's tokenizer.
 """
 
 from __future__ import annotations
