@@ -185,3 +185,46 @@ def track(kind: str, base_model: str | None, inputs: dict | None = None, artifac
     else:
         status = "cancelled" if run.cancelled else "succeeded"
         store.finish(run.id, status, run.metrics, run.shape, run.params, None, run.artifact)
+
+
+# Where each job kind leaves its validation perplexity in the recorded metrics, best first.
+PPL_KEYS = ("val_ppl_after", "ppl_after", "ppl")
+
+
+def quality_point(run: dict) -> tuple[int, float] | None:
+    """(parameters, validation perplexity) of a finished run, when it recorded both."""
+    metrics = run.get("metrics") or {}
+    params = run.get("params") or metrics.get("params")
+    ppl = next((metrics[k] for k in PPL_KEYS if isinstance(metrics.get(k), (int, float))), None)
+    if run.get("status") != "succeeded" or not isinstance(params, int) or ppl is None:
+        return None
+    return params, float(ppl)
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[int]:
+    """Indices of the points no other point beats on both axes (smaller is better), by x."""
+    order = sorted(range(len(points)), key=lambda i: (points[i][0], points[i][1]))
+    front, best_y = [], float("inf")
+    for i in order:
+        if points[i][1] < best_y:
+            front.append(i)
+            best_y = points[i][1]
+    return front
+
+
+def loss_curve(run: dict, field: str = "loss") -> tuple[list[float], list[float]]:
+    """(tokens, field) per step from a training run's metrics.jsonl; empty if it has none."""
+    artifact = run.get("artifact")
+    path = Path(artifact) / "metrics.jsonl" if artifact else None
+    if path is None or not path.is_file():
+        return [], []
+    xs, ys = [], []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut by a crash
+        if isinstance(row.get(field), (int, float)) and isinstance(row.get("tokens"), (int, float)):
+            xs.append(row["tokens"])
+            ys.append(row[field])
+    return xs, ys

@@ -7,6 +7,7 @@ keeps serving, and a cancelled job.
 
 from __future__ import annotations
 
+import json
 import math
 import zipfile
 from pathlib import Path
@@ -121,6 +122,18 @@ def test_export_command_and_zip(client, flow):
     archive = client.predict(out, api_name="/export_zip")
     names = zipfile.ZipFile(archive).namelist()
     assert any(n.endswith("config.json") for n in names) and any(n.endswith(".safetensors") for n in names)
+
+
+def test_pareto_and_loss_curves_of_this_sessions_runs(client, flow):
+    # The prune and distill tests above left finished runs in this session.
+    fig = json.loads(client.predict(api_name="/runs_pareto")["plot"])
+    names = [t.get("name") for t in fig["data"]]
+    assert names == ["runs", "frontier"] and len(fig["data"][0]["x"]) >= 1
+    assert all(isinstance(x, int) and x > 0 for x in fig["data"][0]["x"])
+    curves = json.loads(client.predict("", api_name="/runs_loss_curves")["plot"])
+    assert any(t.get("name", "").endswith("distill") and len(t["x"]) >= 1 for t in curves["data"])
+    with pytest.raises(Exception, match="whole numbers"):
+        client.predict("one,two", api_name="/runs_loss_curves")
 
 
 def test_bad_inputs_are_errors_and_the_server_keeps_serving(client, flow):

@@ -9,7 +9,7 @@ from pathlib import Path
 import gradio as gr
 
 from compact import models
-from ui import jobs
+from ui import jobs, plots
 from ui import state as st
 from ui.common import Ctx
 
@@ -85,19 +85,49 @@ def push(path: str | None, repo_id: str, token: str, private: bool, state: dict 
 RUN_COLUMNS = ["id", "kind", "status", "base_model", "artifact", "artifact_exists", "error", "started"]
 
 
-def list_runs(request: gr.Request) -> dict:
-    """This session's runs from the runs store (every run when the server shares runs), newest
-    first; the store outlives restarts, so earlier runs and their artifacts stay listed."""
+def _visible_runs(request: gr.Request) -> list[dict]:
     from compact import runs
 
     sid = None if st.SETTINGS.shared_runs else jobs.session_id(request)
+    # Without a session filter (shared runs), CLI runs of the operator's own shell stay hidden.
+    return [r for r in runs.RunStore().list(session=sid, limit=500) if sid is not None or r["session"]]
+
+
+def list_runs(request: gr.Request) -> dict:
+    """This session's runs from the runs store (every run when the server shares runs), newest
+    first; the store outlives restarts, so earlier runs and their artifacts stay listed."""
     rows = []
-    for r in runs.RunStore().list(session=sid, limit=200):
-        if sid is None and r["session"] is None:
-            continue  # CLI runs of the operator's own shell are not the visitors' business
+    for r in _visible_runs(request):
         r["artifact_exists"] = bool(r["artifact"]) and Path(r["artifact"]).exists()
         rows.append([r[c] for c in RUN_COLUMNS])
     return {"headers": RUN_COLUMNS, "data": rows}
+
+
+def pareto_plot(request: gr.Request):
+    """Parameters against validation perplexity of every finished run, with the frontier."""
+    from compact import runs
+
+    found = [(runs.quality_point(r), r) for r in _visible_runs(request)]
+    found = [(p, r) for p, r in found if p is not None]
+    points = [p for p, _ in found]
+    labels = [f"#{r['id']} {r['kind']} ({r['base_model']})" for _, r in found]
+    return plots.pareto(points, labels, runs.pareto_front(points))
+
+
+def loss_curves(ids: str, request: gr.Request):
+    """Training loss of the chosen runs (comma-separated ids; empty: every training run)."""
+    from compact import runs
+
+    visible = {r["id"]: r for r in _visible_runs(request)}
+    try:
+        wanted = [int(x) for x in ids.replace(" ", "").split(",") if x] if ids else list(visible)
+    except ValueError:
+        raise gr.Error("run ids must be whole numbers separated by commas") from None
+    unknown = [i for i in wanted if i not in visible]
+    if unknown:
+        raise gr.Error(f"no run #{unknown[0]} in this session")
+    series = {f"#{i} {visible[i]['kind']}": runs.loss_curve(visible[i]) for i in wanted}
+    return plots.overlay(series, "Training loss")
 
 
 def build(ctx: Ctx) -> None:
@@ -122,8 +152,16 @@ def build(ctx: Ctx) -> None:
         with gr.Accordion("Runs", open=False):
             runs_btn = gr.Button("Refresh runs")
             runs_table = gr.Dataframe(headers=RUN_COLUMNS, interactive=False, label="Runs of this session")
+            pareto_btn = gr.Button("Pareto view")
+            pareto_fig = gr.Plot(label="Parameters against validation perplexity")
+            with gr.Row():
+                curve_ids = gr.Textbox(label="Runs to overlay (ids, comma-separated; empty: all)")
+                curves_btn = gr.Button("Loss curves")
+            curves_fig = gr.Plot(label="Training loss")
     output.change(describe, [output, ctx.state], [cmd, what], api_name="export_command")
     zip_btn.click(make_zip, [output, ctx.state], file, api_name="export_zip")
     push_btn.click(push, [output, repo_id, token, private, ctx.state], pushed, api_name="push")
     ctx.on_outputs.append((choices, [ctx.state], [output]))
     runs_btn.click(list_runs, None, runs_table, api_name="runs")
+    pareto_btn.click(pareto_plot, None, pareto_fig, api_name="runs_pareto")
+    curves_btn.click(loss_curves, curve_ids, curves_fig, api_name="runs_loss_curves")

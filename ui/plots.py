@@ -218,3 +218,36 @@ def empty(title: str) -> go.Figure:
     fig.update_yaxes(visible=False)
     fig.update_layout(height=240, margin=dict(l=10, r=10, t=10, b=10), template="plotly_white")
     return fig
+
+
+def pareto(points: Sequence[tuple[float, float]], labels: Sequence[str], front: Sequence[int],
+           title: str = "Parameters against validation perplexity") -> go.Figure:
+    """Every run as a point, the frontier (no run both smaller and better) drawn as a line."""
+    if not points:
+        return empty("No finished run with parameters and perplexity yet")
+    fig = go.Figure(go.Scatter(x=[p[0] for p in points], y=[p[1] for p in points], mode="markers",
+                               text=list(labels), name="runs",
+                               hovertemplate="%{text}<br>%{x:,} parameters<br>ppl %{y:.4g}<extra></extra>"))
+    fig.add_trace(go.Scatter(x=[points[i][0] for i in front], y=[points[i][1] for i in front],
+                             mode="lines", line={"shape": "hv"}, name="frontier"))
+    fig.update_xaxes(title="parameters")
+    fig.update_yaxes(title="validation perplexity", type="log")
+    _layout(fig, title, height=360)
+    fig.update_layout(plot_bgcolor="white")
+    return fig
+
+
+def overlay(series: dict[str, tuple[Sequence[float], Sequence[float]]], title: str,
+            x_title: str = "tokens", y_title: str = "loss") -> go.Figure:
+    """Several runs' curves on one plot, one trace per run."""
+    fig = go.Figure()
+    for name, (xs, ys) in series.items():
+        if xs:
+            fig.add_trace(go.Scatter(x=list(xs), y=list(ys), mode="lines", name=name))
+    if not fig.data:
+        return empty("No training curve among these runs")
+    fig.update_xaxes(title=x_title)
+    fig.update_yaxes(title=y_title)
+    _layout(fig, title, height=320)
+    fig.update_layout(plot_bgcolor="white")
+    return fig
