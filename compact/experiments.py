@@ -50,6 +50,7 @@ class ExperimentConfig:
     eval_tokens: int = 4096
     seed: int = 0
     device: str | None = None
+    session: str | None = None  # the app's session, so each arm shows among that visitor's runs
 
 
 def _nearest(values: list[int], x: float) -> int:
@@ -141,7 +142,7 @@ def axis_ablation(cfg: ExperimentConfig, on_event=None, should_stop=None, arms=N
             continue
         arm_dir = out / arm.replace(" ", "_").replace("(", "").replace(")", "").replace("+", "_")
         with runs.track("experiment:axis", cfg.model, {"arm": arm, **targets, **asdict(cfg)},
-                        artifact=str(arm_dir)) as run:
+                        artifact=str(arm_dir), session=cfg.session) as run:
             student = prune.trim(copy.deepcopy(teacher.model), scores, **targets)
             shape = teacher.arch.shape(student.config)
             before = evaluate.loss_on(student, val)
@@ -159,7 +160,8 @@ def axis_ablation(cfg: ExperimentConfig, on_event=None, should_stop=None, arms=N
         random_model.apply(random_model._init_weights)
         shape = teacher.arch.shape(random_model.config)
         arm_dir = out / "random_init"
-        with runs.track("experiment:axis", cfg.model, {"arm": "random init", **targets}, artifact=str(arm_dir)) as run:
+        with runs.track("experiment:axis", cfg.model, {"arm": "random init", **targets},
+                        artifact=str(arm_dir), session=cfg.session) as run:
             before = evaluate.loss_on(random_model, val)
             trained = _distill(cfg, teacher, random_model, arm_dir, on_event=on_event, should_stop=should_stop)
             row = {"arm": "random init (width shape)", **_shape_cols(shape), "loss_before": before,
@@ -194,7 +196,8 @@ def kd_vs_ce(cfg: ExperimentConfig, on_event=None, should_stop=None) -> dict:
             break
         arm_dir = Path(cfg.out) / ("kd" if kd else "ce")
         student = copy.deepcopy(pruned)
-        with runs.track("experiment:kd-vs-ce", cfg.model, {"arm": arm, **targets}, artifact=str(arm_dir)) as run:
+        with runs.track("experiment:kd-vs-ce", cfg.model, {"arm": arm, **targets},
+                        artifact=str(arm_dir), session=cfg.session) as run:
             trained = _distill(cfg, teacher, student, arm_dir, kd=kd, ce=ce, on_event=on_event,
                                should_stop=should_stop)
             shape = teacher.arch.shape(student.config)
@@ -217,7 +220,7 @@ def sparse_methods(cfg: ExperimentConfig, on_event=None, should_stop=None, slorb
     for method in ("magnitude", "wanda", "sparsegpt"):
         if should_stop and should_stop():
             break
-        with runs.track("experiment:sparse", cfg.model, {"method": method}) as run:
+        with runs.track("experiment:sparse", cfg.model, {"method": method}, session=cfg.session) as run:
             model = copy.deepcopy(dense.model)
             sparsity.one_shot(model, method, 2, 4, blocks=calib)
             row = {"method": method, "loss": evaluate.loss_on(model, val),
@@ -229,7 +232,8 @@ def sparse_methods(cfg: ExperimentConfig, on_event=None, should_stop=None, slorb
         if should_stop and should_stop():
             break
         arm_dir = Path(cfg.out) / ("ast" if not k else "ast_slorb")
-        with runs.track("experiment:sparse", cfg.model, {"method": label}, artifact=str(arm_dir)) as run:
+        with runs.track("experiment:sparse", cfg.model, {"method": label}, artifact=str(arm_dir),
+                        session=cfg.session) as run:
             acfg = ast.AstConfig(model=cfg.model, data=cfg.data, out=str(arm_dir), tokens=cfg.tokens,
                                  seq_len=cfg.seq_len, batch=cfg.batch, lr=cfg.lr, eval_tokens=cfg.eval_tokens,
                                  seed=cfg.seed, slorb_k=k, device=cfg.device)

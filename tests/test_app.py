@@ -136,6 +136,20 @@ def test_pareto_and_loss_curves_of_this_sessions_runs(client, flow):
         client.predict("one,two", api_name="/runs_loss_curves")
 
 
+def test_experiment_kd_vs_ce_in_one_click(client, flow):
+    table, fig, message = client.predict("kd-vs-ce", 0.9, 32, 16, 2, 2, 64, "builtin", api_name="/experiment")
+    rows = [dict(zip(table["headers"], r)) for r in table["data"]]
+    assert [r["arm"] for r in rows] == ["logit distillation (KL)", "cross-entropy only"]
+    assert all(math.isfinite(r["loss_before"]) and math.isfinite(r["loss_after"]) and r["tokens"] == 32
+               for r in rows)
+    assert "results.md" in message
+    recorded = client.predict(api_name="/runs")
+    kind = recorded["headers"].index("kind")
+    kinds = [r[kind] for r in recorded["data"]]
+    # The whole experiment and each of its two arms are runs of this session.
+    assert kinds.count("experiment:kd-vs-ce") == 3
+
+
 def test_bad_inputs_are_errors_and_the_server_keeps_serving(client, flow):
     with pytest.raises(AppError, match="outside the folders"):
         client.predict("/etc", api_name="/load")

@@ -9,8 +9,8 @@ import gradio as gr
 
 from compact import cleanup
 
-from ui import (compare_tab, distill_tab, export_tab, importance_tab, model_tab, prune_tab,
-                sparsify_tab)
+from ui import (compare_tab, distill_tab, experiments_tab, export_tab, importance_tab, model_tab,
+                prune_tab, sparsify_tab)
 from ui import state as st
 from ui.common import Ctx
 
@@ -27,7 +27,7 @@ def build_app() -> gr.Blocks:
         ctx = Ctx(state=gr.State(st.new_session()))
         with gr.Tabs():
             for tab in (model_tab, importance_tab, prune_tab, sparsify_tab, distill_tab, compare_tab,
-                        export_tab):
+                        experiments_tab, export_tab):
                 tab.build(ctx)
         ctx.wire()
     return app

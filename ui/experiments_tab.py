@@ -1,0 +1,103 @@
+"""Experiments tab: one click runs a paper finding on the loaded model (compact.experiments)."""
+
+from __future__ import annotations
+
+import shlex
+
+import gradio as gr
+
+from compact.experiments import EXPERIMENTS, ExperimentConfig
+from ui import jobs, plots
+from ui import state as st
+from ui.common import HEAVY, Ctx, gpu
+
+ABOUT = {
+    "axis-ablation": "Prune to the same parameter count along depth, MLP, attention, embedding "
+                     "channels and their combinations, distill each the same tokens, and compare with "
+                     "the same shape from random initialization (Minitron, Table 1).",
+    "kd-vs-ce": "The same pruned student retrained with logit distillation and with cross-entropy only.",
+    "sparse-methods": "2:4 by magnitude, Wanda and SparseGPT one-shot, and AST with and without SLoRB.",
+}
+
+
+def command(name: str, cfg: ExperimentConfig) -> str:
+    return shlex.join(["python", "-m", "compact", "experiment", name, "--model", cfg.model,
+                       "--out", cfg.out, "--data", cfg.data, "--keep", str(cfg.keep),
+                       "--tokens", str(cfg.tokens), "--seq-len", str(cfg.seq_len),
+                       "--batch", str(cfg.batch), "--samples", str(cfg.samples),
+                       "--eval-tokens", str(cfg.eval_tokens)])
+
+
+def table(result: dict) -> dict:
+    rows = result["rows"]
+    headers = [k for k in dict.fromkeys(k for r in rows for k in r)]
+    return {"headers": headers, "data": [[r.get(h) for h in headers] for r in rows]}
+
+
+def figure(result: dict):
+    rows = [r for r in result["rows"] if r.get("loss_after") is not None or r.get("loss") is not None]
+    if not rows:
+        return plots.empty("No arm finished")
+    label = "arm" if "arm" in rows[0] else "method"
+    value = "loss_after" if "loss_after" in rows[0] else "loss"
+    return plots.bars([r[label] for r in rows], [r[value] for r in rows],
+                      f"{result['experiment']}: validation loss", value)
+
+
+@gpu
+@jobs.user_errors
+def run(name: str, keep: float, tokens: int, seq_len: int, batch: int, samples: int, eval_tokens: int,
+        src: str, state: dict | None, request: gr.Request, progress=gr.Progress()):
+    state = st.session(state)
+    sid = jobs.session_id(request)
+    if name not in EXPERIMENTS:
+        raise gr.Error(f"unknown experiment '{name}'")
+    if not 0.05 <= float(keep) < 1:
+        raise gr.Error("the kept fraction must be between 0.05 and 1")
+    if min(int(tokens), int(batch), int(samples), int(eval_tokens)) < 1 or int(seq_len) < 2:
+        raise gr.Error("tokens, sequence length, batch, samples and evaluation tokens must be positive")
+    out = st.next_output(sid, "experiment")
+    cfg = ExperimentConfig(model=state["ref"], out=str(out), data=st.check_data(src), keep=float(keep),
+                           tokens=int(tokens), seq_len=int(seq_len), batch=int(batch), samples=int(samples),
+                           eval_tokens=int(eval_tokens), session=sid)
+
+    def work(job: jobs.Job):
+        def on_event(e: dict) -> None:
+            if e.get("kind") == "step":
+                job.progress(min(1.0, (e["step"] + 1) / max(1, e.get("steps") or 1)),
+                             f"arm training: step {e['step'] + 1}, loss {e.get('loss', 0):.3f}")
+
+        return EXPERIMENTS[name](cfg, on_event=on_event, should_stop=job.should_stop)
+
+    result = jobs.run_to_end(work, sid, f"experiment:{name}", progress, base_model=state["ref"],
+                             inputs={"keep": cfg.keep, "tokens": cfg.tokens}, artifact=str(out))
+    cmd = command(name, cfg)
+    st.add_output(state, st.Output("experiment", str(out), cmd, state["ref"], {"experiment": name}))
+    return table(result), figure(result), f"Results in `{out}` (results.md, results.json)", state
+
+
+def build(ctx: Ctx) -> None:
+    with gr.Tab("Experiments", id="experiments"):
+        gr.Markdown("Test the papers' findings on the loaded model. Every arm is a recorded run; "
+                    "small budgets fit a CPU, the papers used billions of tokens.")
+        with gr.Row():
+            name = gr.Dropdown(list(EXPERIMENTS), value="axis-ablation", label="Experiment")
+            keep = gr.Slider(0.3, 0.95, value=0.8, step=0.05, label="Parameters kept")
+            tokens = gr.Number(value=1024, precision=0, minimum=1, label="Training tokens per arm")
+            seq_len = gr.Number(value=128, precision=0, minimum=2, label="Sequence length")
+            batch = gr.Number(value=4, precision=0, minimum=1, label="Batch")
+            samples = gr.Number(value=16, precision=0, minimum=1, label="Calibration samples")
+            eval_tokens = gr.Number(value=2048, precision=0, minimum=1, label="Validation tokens")
+            src = gr.Textbox(value="builtin", label="Data")
+        about = gr.Markdown(ABOUT["axis-ablation"])
+        with gr.Row():
+            go = gr.Button("Run experiment", variant="primary")
+            stop = gr.Button("Cancel", variant="stop")
+        status = gr.Markdown()
+        results = gr.Dataframe(label="Results", interactive=False)
+        fig = gr.Plot(plots.empty("Run an experiment"), label="Validation loss per arm")
+    name.change(lambda n: ABOUT[n], name, about, queue=False, api_visibility="private")
+    event = go.click(run, [name, keep, tokens, seq_len, batch, samples, eval_tokens, src, ctx.state],
+                     [results, fig, status, ctx.state], api_name="experiment", **HEAVY)
+    stop.click(jobs.cancel, None, status, queue=False, api_visibility="private")
+    ctx.output_events.append(event)
