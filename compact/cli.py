@@ -130,8 +130,10 @@ def _experiment(p):
         cfg = ExperimentConfig(model=a.model, out=a.out, data=a.data, keep=a.keep, tokens=a.tokens,
                                seq_len=a.seq_len, batch=a.batch, lr=a.lr, samples=a.samples,
                                eval_tokens=a.eval_tokens, seed=a.seed, device=a.device)
-        events = lambda e: progress(f"step {e.get('step')} loss {e.get('loss', 0):.4f}") \
-            if e.get("kind") != "done" and e.get("step", 0) % 10 == 0 else None
+        def events(e: dict) -> None:
+            if e.get("kind") == "step" and e["step"] % 10 == 0:
+                progress(f"arm step {e['step'] + 1}/{e.get('steps')} loss {e.get('loss') or 0:.4f}")
+
         return EXPERIMENTS[a.name](cfg, on_event=events)
 
     return run
