@@ -5,7 +5,8 @@ The training loop is compact.distill's; AST is a set of TrainHooks around it:
   receives the gradient of W~ unchanged and pruned weights can grow back;
 - the boolean masks are recomputed from |W| every `mask_interval` optimizer steps; the flip rate
   against the previous and the initial masks is logged;
-- pruned weights are decayed with lambda(t) = alpha * min(t, T0) (the paper's annealed decay);
+- pruned weights are decayed with lambda(t) = alpha * min(t, T0) (the paper's annealed decay),
+  inside the Adam step as the paper's update rule has it (AstAdamW);
 - optionally SLoRB: a trainable S per linear on group sums of the input (compact.sparsity);
 - at the end the masked weights become exact zeros and the modules are plain again, so the
   checkpoint is an ordinary one (SLoRB's S goes to a side file that compact.models.load reads).
@@ -16,6 +17,7 @@ code outside this package (absolute imports).
 
 from __future__ import annotations
 
+import math
 import types
 from dataclasses import dataclass, fields
 
@@ -103,6 +105,63 @@ class MaskedWeight(torch.autograd.Function):
         return grad, None
 
 
+class AstAdamW(torch.optim.Optimizer):
+    """AdamW with AST's decay of pruned weights inside the Adam step (the paper's update rule).
+
+    For a masked weight W with keep-mask m and gradient g (of the masked weight W~, straight
+    through):  m1 <- b1 m1 + (1-b1) g;  u = m1^ + lambda * (~m * W);  v <- b2 v + (1-b2) u^2;
+    W <- W - lr * u / (sqrt(v^) + eps), with ^ the bias corrections and lambda = the group's
+    "ast_decay". The decay term is outside gradient clipping and joins the direction, not the
+    momentum, so it acts at once when the masks move. Every other parameter gets plain AdamW
+    (decoupled weight decay, as torch.optim.AdamW). `masks` maps a parameter to its keep-mask in
+    the parameter's own layout; the tensors are read at each step, so masks updated in place
+    take effect at once.
+    """
+
+    def __init__(self, params, masks: dict, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.0):
+        super().__init__(params, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay,
+                                  "ast_decay": 0.0})
+        self.masks = masks
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, eps, lam = group["lr"], group["eps"], group["ast_decay"]
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["step"] = torch.tensor(0.0)
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["step"] += 1
+                t = int(state["step"].item())
+                bc1, bc2 = 1 - beta1 ** t, 1 - beta2 ** t
+                p.mul_(1 - lr * group["weight_decay"])
+                exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+                exp_avg.lerp_(p.grad, 1 - beta1)
+                keep = self.masks.get(p)
+                if keep is None:  # plain AdamW, in torch's own order of operations
+                    exp_avg_sq.mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
+                    denom = (exp_avg_sq.sqrt() / math.sqrt(bc2)).add_(eps)
+                    p.addcdiv_(exp_avg, denom, value=-lr / bc1)
+                    continue
+                u = exp_avg / bc1
+                if lam:
+                    u.add_(p * (1 - keep.to(p.dtype)), alpha=lam)
+                exp_avg_sq.mul_(beta2).addcmul_(u, u, value=1 - beta2)
+                denom = (exp_avg_sq.sqrt() / math.sqrt(bc2)).add_(eps)
+                p.addcdiv_(u, denom, value=-lr)
+        return loss
+
+
 def flip_rate(a: Tensor, b: Tensor) -> tuple[int, int]:
     """(entries that differ, entries) between two masks."""
     return int((a != b).sum()), a.numel()
@@ -174,21 +233,17 @@ class AstHooks(distill.TrainHooks):
             mod.ast_mask.copy_(_stored(keep, mod).to(mod.ast_mask.dtype))
         self.last = {"flip_prev": prev / total, "flip_init": init / total}
 
-    @torch.no_grad()
+    def make_optimizer(self, params, cfg) -> "AstAdamW":
+        masks = {mod.weight: mod.ast_mask for mod in self.linears.values()}
+        decay = [p for p in params if p.ndim >= 2]
+        rest = [p for p in params if p.ndim < 2]
+        groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}]
+        return AstAdamW([g for g in groups if g["params"]], masks, lr=cfg.lr, betas=(0.9, 0.95))
+
     def after_backward(self, step, student, optimizer) -> None:
-        # The decay joins the gradient before the optimizer, so that AdamW (distill's default,
-        # whose state the checkpoints already carry) folds lambda * (~m * W) into both moments.
-        # The paper's Adam form adds it to the first moment's step direction instead; both
-        # push only pruned weights toward zero at the annealed rate, and this way needs no
-        # optimizer of our own. It comes before clipping (distill clips after this hook).
-        lam = decay_lambda(step, self.alpha, self.t0)
-        if lam == 0:
-            return
-        for name, mod in self.linears.items():
-            w = mod.weight
-            if w.grad is None:
-                w.grad = torch.zeros_like(w)
-            w.grad.add_(w * (1 - mod.ast_mask), alpha=lam)
+        # lambda(t) travels in the param groups, so the optimizer's saved state carries it too
+        for group in optimizer.param_groups:
+            group["ast_decay"] = decay_lambda(step, self.alpha, self.t0)
 
     def after_step(self, step, student, optimizer) -> dict:
         return {"decay_lambda": decay_lambda(step, self.alpha, self.t0), **self.last}

@@ -55,16 +55,64 @@ def test_masked_forward_equals_pruned_model(family, make_model, tokenizer):
         assert (weight_oi(mod) != 0).all(), name
 
 
-def test_decay_added_to_pruned_weights_only(make_model):
+def test_ast_adamw_hand_values():
+    # one 1x4 weight, keep-mask [1, 1, 0, 0]; two steps with lambda 0.5 then 1.0
+    w0 = [1.0, -2.0, 3.0, -4.0]
+    keep = torch.tensor([[True, True, False, False]])
+    grads = [[0.1, -0.2, 0.3, 0.4], [-0.3, 0.1, 0.2, -0.1]]
+    lr, (b1, b2), eps = 0.1, (0.9, 0.95), 1e-8
+    w = torch.nn.Parameter(torch.tensor([w0], dtype=torch.float64))
+    opt = ast.AstAdamW([{"params": [w]}], {w: keep}, lr=lr, betas=(b1, b2), eps=eps)
+    expect, m, v = list(w0), [0.0] * 4, [0.0] * 4
+    for t, (lam, g) in enumerate(zip((0.5, 1.0), grads), start=1):
+        w.grad = torch.tensor([g], dtype=torch.float64)
+        opt.param_groups[0]["ast_decay"] = lam
+        opt.step()
+        for j in range(4):  # the paper's rule, written out per entry
+            m[j] = b1 * m[j] + (1 - b1) * g[j]
+            u = m[j] / (1 - b1 ** t) + lam * (0.0 if keep[0, j] else expect[j])
+            v[j] = b2 * v[j] + (1 - b2) * u * u
+            expect[j] -= lr * u / ((v[j] / (1 - b2 ** t)) ** 0.5 + eps)
+        assert w.detach()[0].tolist() == pytest.approx(expect, rel=1e-12), t
+
+
+def test_ast_adamw_is_adamw_for_unmasked_params():
+    torch.manual_seed(0)
+    a = torch.nn.Parameter(torch.randn(3, 8))
+    b = torch.nn.Parameter(a.detach().clone())
+    ours = ast.AstAdamW([{"params": [a], "weight_decay": 0.1}], {}, lr=1e-2, betas=(0.9, 0.95))
+    ref = torch.optim.AdamW([{"params": [b], "weight_decay": 0.1}], lr=1e-2, betas=(0.9, 0.95),
+                            foreach=False)
+    for _ in range(4):
+        g = torch.randn(3, 8)
+        a.grad, b.grad = g.clone(), g.clone()
+        ours.param_groups[0]["ast_decay"] = 0.3  # no mask: no decay
+        ours.step()
+        ref.step()
+    assert torch.equal(a, b)
+
+
+def test_decay_reaches_pruned_weights_only(make_model):
     model, hooks = _prepared(make_model, decay_alpha=0.1, decay_t0=4)
-    for mod in hooks.linears.values():
-        mod.weight.grad = torch.full_like(mod.weight, 0.5)
-    hooks.after_backward(6, model, None)  # lambda = 0.1 * min(6, 4) = 0.4
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = hooks.make_optimizer(params, distill.DistillConfig(teacher="t", student="s"))
+    assert set(opt.masks) == {mod.weight for mod in hooks.linears.values()}
+    before = {name: weight_oi(mod).detach().clone() for name, mod in hooks.linears.items()}
+    others = {n: p.detach().clone() for n, p in model.named_parameters() if p.ndim < 2}
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    hooks.after_backward(6, model, opt)  # lambda = 0.1 * min(6, 4) = 0.4
+    assert [g["ast_decay"] for g in opt.param_groups] == pytest.approx([0.4] * len(opt.param_groups))
+    opt.step()
     for name, mod in hooks.linears.items():
-        keep = hooks.masks[name]
-        w = weight_oi(mod).detach()
-        expected = 0.5 + 0.4 * w * (~keep)
-        assert torch.allclose(mod.weight.grad, expected), name  # llama: (out, in) storage
+        keep, w0, w1 = hooks.masks[name], before[name], weight_oi(mod).detach()
+        assert torch.equal(w1[keep], w0[keep]), name  # no gradient: kept weights stay
+        # pruned ones move toward zero: first step, u = 0.4 W and v^ = u^2, so lr * u / (|u| + eps)
+        u = 0.4 * w0[~keep]
+        assert torch.allclose((w0 - w1)[~keep], 1e-4 * u / (u.abs() + 1e-8), rtol=1e-4, atol=1e-9), name
+    for n, p in model.named_parameters():
+        if n in others:
+            assert torch.equal(p, others[n]), n
 
 
 def test_mask_update_and_flip_rates(make_model):
