@@ -18,6 +18,7 @@ code outside this package (absolute imports).
 from __future__ import annotations
 
 import math
+import os
 import types
 from dataclasses import dataclass, fields
 
@@ -321,6 +322,10 @@ def run_ast(cfg: AstConfig, on_event=None, should_stop=None, teacher=None, stude
     cfg.check()
     if not cfg.out:
         raise UserError("AST needs an output folder")
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true"):
+        # masks are chosen from whole weight rows; FSDP gives each process a flat shard
+        raise UserError("AST cannot run under FSDP (its masks need whole weights): use one GPU or "
+                        "DDP (configs/accelerate_ddp.yaml)")
     hooks = AstHooks(cfg)
     result = distill.run(distill_config(cfg), hooks=hooks, on_event=on_event, should_stop=should_stop,
                          teacher=teacher, student=student)

@@ -144,6 +144,12 @@ def test_bad_settings(make_model):
         _prepared(make_model, slorb_k=48)  # 64 % 48
 
 
+def test_fsdp_is_refused_before_loading(monkeypatch, tmp_path):
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what `accelerate launch` sets for FSDP
+    with pytest.raises(UserError, match="FSDP"):
+        ast.run_ast(ast.AstConfig(model=str(tmp_path / "missing"), out=str(tmp_path / "out")))
+
+
 @pytest.fixture(scope="module")
 def text_file(tmp_path_factory):
     """A small deterministic corpus (faster to read than builtin; enough for these runs)."""

@@ -159,7 +159,9 @@ def run(method: str, pattern: str, src: str, samples: int, seq_len: int, eval_to
 
 def build(ctx: Ctx) -> None:
     with gr.Tab("Sparsify", id="sparsify"):
-        gr.Markdown("N:M semi-structured sparsity (2:4 runs fast on NVIDIA Ampere and newer). One-shot: "
+        gr.Markdown("N:M semi-structured sparsity. 2:4 can use the sparse tensor cores of NVIDIA Ampere "
+                    "and newer GPUs, but is only faster for large layers and many tokens (see the README's "
+                    "Performance section); the sparse checkpoint here runs with dense kernels. One-shot: "
                     "magnitude, Wanda, SparseGPT. AST trains the sparse model by distillation from the "
                     "dense one, re-choosing masks as it goes; SLoRB adds a small low-rank term.")
         with gr.Row():
