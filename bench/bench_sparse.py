@@ -1,6 +1,6 @@
 """Dense against 2:4 semi-structured kernels: single linears, model prefill and decode.
 
-    .venv/bin/python bench/bench_sparse.py [--device cuda] [--out bench/results/sparse.json]
+    .venv/bin/python bench/bench_sparse.py [--device cuda] [--model REF] [--out bench/results/sparse.json]
 
 layers: F.linear with a dense weight against the same 2:4 weight converted by
 torch.sparse.to_sparse_semi_structured, with cuSPARSELt's default algorithm and with the one
@@ -115,12 +115,12 @@ def decode_tokens_per_s(model, tokenizer, new_tokens: int, device) -> float:
     return new_tokens / (time.perf_counter() - start)
 
 
-def bench_model(device, dtype, batches, seq_len, new_tokens, repeats, sparse_ok, search_tokens) -> dict:
-    loaded = models.load("default", device=str(device), dtype=dtype)
+def bench_model(ref, device, dtype, batches, seq_len, new_tokens, repeats, sparse_ok, search_tokens) -> dict:
+    loaded = models.load(ref, device=str(device), dtype=dtype)
     model, tok = loaded.model, loaded.tokenizer
     sparsity.one_shot(model, "magnitude")
     vocab = loaded.shape.vocab
-    out = {"model": "default (SmolLM2-135M-Instruct), magnitude 2:4", "dtype": str(dtype).replace("torch.", ""),
+    out = {"model": f"{ref}, magnitude 2:4", "dtype": str(dtype).replace("torch.", ""),
            "seq_len": seq_len, "prefill": [], "decode": {"new_tokens": new_tokens}}
     dense_prefill = {b: prefill_ms(model, b, seq_len, vocab, device, repeats) for b in batches}
     out["decode"]["dense_tokens_per_s"] = decode_tokens_per_s(model, tok, new_tokens, device)
@@ -187,6 +187,8 @@ def verdict(result: dict) -> str:
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--device", default=None)
+    p.add_argument("--model", default="default",
+                   help="model for the prefill/decode rows (a folder where the GGUF cannot be read)")
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "sparse.json"))
     p.add_argument("--repeats", type=int, default=None)
     p.add_argument("--search-tokens", type=int, default=2048, help="token count for the cuSPARSELt search")
@@ -208,7 +210,7 @@ def main() -> int:
         "device": device_name(device), "torch": torch.__version__, "dtype": str(dtype).replace("torch.", ""),
         "sparse_kernels": {"available": sparse_ok, "reason": reason},
         "layers": bench_layers(device, dtype, shapes, token_counts, repeats, sparse_ok),
-        "model": bench_model(device, dtype, batches, seq_len, new_tokens, repeats, sparse_ok, args.search_tokens),
+        "model": bench_model(args.model, device, dtype, batches, seq_len, new_tokens, repeats, sparse_ok, args.search_tokens),
     }
     result["verdict"] = verdict(result)
     result["summary"] = summarize(result)

@@ -57,6 +57,7 @@ class AstConfig:
     kd_weight: float = 0.67
     ce_weight: float = 0.33
     mask_interval: int = 10         # recompute masks every this many optimizer steps
+    mask_margin: float = 0.0        # a pruned weight must beat a kept one by this fraction to swap
     decay_alpha: float | None = None  # lambda(t) = alpha * min(t, t0); None: see DEFAULT_DECAY_*
     decay_t0: int | None = None
     slorb_k: int = 0                # SLoRB block size; 0 = off
@@ -81,6 +82,8 @@ class AstConfig:
         sparsity.check_nm(self.n, self.m)
         if self.mask_interval < 1:
             raise UserError("the mask interval must be at least 1 step")
+        if self.mask_margin < 0:
+            raise UserError("the mask margin cannot be negative")
         if self.slorb_k < 0:
             raise UserError("the SLoRB block size must be positive (or 0 for none)")
         if self.decay_alpha is not None and self.decay_alpha < 0:
@@ -226,7 +229,10 @@ class AstHooks(distill.TrainHooks):
     def _update_masks(self) -> None:
         prev = init = total = 0
         for name, mod in self.linears.items():
-            keep = sparsity.nm_mask(weight_oi(mod), self.cfg.n, self.cfg.m)
+            w = weight_oi(mod).detach().abs().float()
+            if self.cfg.mask_margin:  # the current mask wins ties and near-ties
+                w = w * (1 + self.cfg.mask_margin * self.masks[name])
+            keep = sparsity.nm_mask(w, self.cfg.n, self.cfg.m)
             p, t = flip_rate(keep, self.masks[name])
             i, _ = flip_rate(keep, self.initial[name])
             prev, init, total = prev + p, init + i, total + t
@@ -262,8 +268,8 @@ class AstHooks(distill.TrainHooks):
 
     def settings(self) -> dict:
         c = self.cfg
-        return {"pattern": f"{c.n}:{c.m}", "mask_interval": c.mask_interval, "decay_alpha": self.alpha,
-                "decay_t0": self.t0, "slorb_k": c.slorb_k}
+        return {"pattern": f"{c.n}:{c.m}", "mask_interval": c.mask_interval, "mask_margin": c.mask_margin,
+                "decay_alpha": self.alpha, "decay_t0": self.t0, "slorb_k": c.slorb_k}
 
     def state_dict(self) -> dict:
         return {"settings": self.settings(), "step": self.step, "last": dict(self.last),

@@ -176,6 +176,9 @@ def _sparsify(p):
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--slorb-k", type=int, default=0, help="AST: SLoRB block size (0 = off)")
     p.add_argument("--mask-interval", type=int, default=10, help="AST: steps between mask updates")
+    p.add_argument("--mask-margin", type=float, default=0.0,
+                   help="AST: a pruned weight must exceed a kept one by this fraction to take its place "
+                        "(0 = plain magnitude, the paper)")
     p.add_argument("--decay-alpha", type=float, default=None, help="AST: decay slope per step")
     p.add_argument("--decay-t0", type=int, default=None, help="AST: step where the decay stops growing")
     p.add_argument("--resume", action="store_true", help="AST: continue from the last checkpoint")
@@ -196,7 +199,7 @@ def _sparsify(p):
 
             cfg = ast.AstConfig(
                 model=a.model, out=a.out, teacher=a.teacher, data=a.data, n=n, m=m, tokens=a.tokens,
-                seq_len=a.seq_len, batch=a.batch, lr=a.lr, mask_interval=a.mask_interval,
+                seq_len=a.seq_len, batch=a.batch, lr=a.lr, mask_interval=a.mask_interval, mask_margin=a.mask_margin,
                 decay_alpha=a.decay_alpha, decay_t0=a.decay_t0, slorb_k=a.slorb_k, resume=a.resume,
                 device=a.device, dtype=a.dtype, eval_tokens=0)  # scored below, as for one-shot
             same = not a.teacher or a.teacher == a.model  # the dense model teaches: reuse it

@@ -97,7 +97,7 @@ def test_generate_and_compare_both_models(client, flow):
 
 def test_sparsify_magnitude_is_exactly_two_four(client):
     per_layer, loss, flips, result, message = client.predict(
-        "magnitude", "2:4", "builtin", 4, 64, 512, 512, 4, 1e-4, 0, 10, False, api_name="/sparsify")
+        "magnitude", "2:4", "builtin", 4, 64, 512, 512, 4, 1e-4, 0, 10, 0.0, False, api_name="/sparsify")
     assert result["pattern_ok"] is True and result["layers_not_ok"] == []
     assert result["sparsity"] == pytest.approx(0.5, abs=1e-3)
     assert math.isfinite(result["ppl_after"])
@@ -165,7 +165,7 @@ def test_bad_inputs_are_errors_and_the_server_keeps_serving(client, flow):
     with pytest.raises(AppError, match="unknown data source"):
         client.predict("nowhere", 4, 64, "l2", "mean", False, api_name="/importance")
     with pytest.raises(AppError, match="pattern"):
-        client.predict("magnitude", "3:2", "builtin", 4, 64, 512, 512, 4, 1e-4, 0, 10, False,
+        client.predict("magnitude", "3:2", "builtin", 4, 64, 512, 512, 4, 1e-4, 0, 10, 0.0, False,
                        api_name="/sparsify")
     with pytest.raises(AppError, match="token"):
         client.predict(flow["pruned"]["out"], "me/model", "", True, api_name="/push")

@@ -137,11 +137,25 @@ def test_mask_update_and_flip_rates(make_model):
     assert hooks.last["flip_init"] == 0.0
 
 
+@pytest.mark.parametrize("margin, kept", [(0.0, [True, True, False, False]), (0.05, [False, True, True, False])])
+def test_mask_margin_keeps_near_ties(make_model, margin, kept):
+    model, hooks = _prepared(make_model, mask_interval=1, mask_margin=margin)
+    name, mod = next(iter(hooks.linears.items()))
+    with torch.no_grad():
+        weight_oi(mod)[0, :4] = torch.tensor([1.0, -0.98, 0.97, 0.2])
+    hooks.masks[name][0, :4] = torch.tensor([False, True, True, False])  # the current mask
+    hooks.before_step(1, model, None)
+    # 1.0 beats 0.97 by 3%: a swap without a margin, none with 5% (0.97 * 1.05 > 1.0)
+    assert hooks.masks[name][0, :4].tolist() == kept
+
+
 def test_bad_settings(make_model):
     with pytest.raises(UserError):
         ast.AstHooks(ast.AstConfig(n=3, m=2))
     with pytest.raises(UserError, match="divisible"):
         _prepared(make_model, slorb_k=48)  # 64 % 48
+    with pytest.raises(UserError, match="margin"):
+        ast.AstHooks(ast.AstConfig(mask_margin=-0.1))
 
 
 def test_fsdp_is_refused_before_loading(monkeypatch, tmp_path):

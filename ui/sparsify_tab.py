@@ -37,7 +37,7 @@ def loss_plot(events: list[dict]):
 
 def command(ref: str, out: str, method: str, pattern: str, src: str, samples: int, seq_len: int,
             eval_tokens: int, tokens: int, batch: int, lr: float, slorb_k: int, mask_interval: int,
-            resume: bool) -> str:
+            mask_margin: float, resume: bool) -> str:
     parts = ["python", "-m", "compact", "sparsify", "--model", ref, "--out", out, "--method", method,
              "--pattern", pattern, "--data", src, "--seq-len", str(seq_len),
              "--eval-tokens", str(eval_tokens)]
@@ -46,6 +46,8 @@ def command(ref: str, out: str, method: str, pattern: str, src: str, samples: in
     if method == "ast":
         parts += ["--tokens", str(tokens), "--batch", str(batch), "--lr", str(lr),
                   "--mask-interval", str(mask_interval)]
+        if mask_margin:
+            parts += ["--mask-margin", str(mask_margin)]
         if slorb_k:
             parts += ["--slorb-k", str(slorb_k)]
         if resume:
@@ -56,8 +58,8 @@ def command(ref: str, out: str, method: str, pattern: str, src: str, samples: in
 @gpu
 @jobs.user_errors
 def run(method: str, pattern: str, src: str, samples: int, seq_len: int, eval_tokens: int,
-        tokens: int, batch: int, lr: float, slorb_k: int, mask_interval: int, resume: bool,
-        state: dict | None, request: gr.Request, progress=gr.Progress()):
+        tokens: int, batch: int, lr: float, slorb_k: int, mask_interval: int, mask_margin: float,
+        resume: bool, state: dict | None, request: gr.Request, progress=gr.Progress()):
     state = st.session(state)
     sid = jobs.session_id(request)
     src = st.check_data(src)
@@ -89,6 +91,7 @@ def run(method: str, pattern: str, src: str, samples: int, seq_len: int, eval_to
 
             cfg = ast.AstConfig(model=state["ref"], out=str(out), data=src, n=n, m=m, tokens=tokens,
                                 seq_len=seq, batch=batch, lr=float(lr), mask_interval=mask_interval,
+                                mask_margin=float(mask_margin or 0),
                                 slorb_k=slorb_k, resume=bool(resume), eval_tokens=eval_tokens)
             student = st.CACHE.copy(state["ref"])  # trained in place
             trained = ast.run_ast(cfg, on_event=job.event, should_stop=job.should_stop,
@@ -148,7 +151,7 @@ def run(method: str, pattern: str, src: str, samples: int, seq_len: int, eval_to
         return
     check = result.pop("check")
     cmd = command(state["ref"], str(out), method, f"{n}:{m}", src, samples, seq_len, eval_tokens,
-                  tokens, batch, lr, slorb_k, mask_interval, bool(resume))
+                  tokens, batch, lr, slorb_k, mask_interval, mask_margin, bool(resume))
     st.add_output(state, st.Output("sparse", str(out), cmd, state["ref"], result))
     msg = (f"{result['pattern']} {method}: {check['sparsity']:.1%} zeros, pattern "
            f"{'exact' if result['pattern_ok'] else 'NOT exact'}; validation perplexity "
@@ -178,6 +181,8 @@ def build(ctx: Ctx) -> None:
                 lr = gr.Number(value=1e-4, label="Learning rate")
                 mask_interval = gr.Number(value=10, precision=0, minimum=1,
                                           label="Mask update interval (steps)")
+                mask_margin = gr.Number(value=0.0, minimum=0,
+                                        label="Mask margin (a pruned weight must beat a kept one by this fraction)")
                 slorb_k = gr.Dropdown([0, 16, 32, 64], value=0, label="SLoRB block size (0 = off)")
                 resume = gr.Checkbox(value=False, label="Resume the last AST run")
         with gr.Row():
@@ -190,7 +195,7 @@ def build(ctx: Ctx) -> None:
             flips = gr.Plot(plots.empty("AST mask flip rate"), label="Mask flip rate")
         result = gr.JSON(visible=False)
     event = go.click(run, [method, pattern, src, samples, seq_len, eval_tokens, tokens, batch, lr, slorb_k,
-                           mask_interval, resume, ctx.state],
+                           mask_interval, mask_margin, resume, ctx.state],
                      [per_layer, loss, flips, result, status, ctx.state], api_name="sparsify", **HEAVY)
     ctx.output_events.append(event)
     stop.click(jobs.cancel, None, status, queue=False, api_visibility="private")
