@@ -242,10 +242,7 @@ class AstHooks(distill.TrainHooks):
 
     def make_optimizer(self, params, cfg) -> "AstAdamW":
         masks = {mod.weight: mod.ast_mask for mod in self.linears.values()}
-        decay = [p for p in params if p.ndim >= 2]
-        rest = [p for p in params if p.ndim < 2]
-        groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}]
-        return AstAdamW([g for g in groups if g["params"]], masks, lr=cfg.lr, betas=(0.9, 0.95))
+        return AstAdamW(distill.param_groups(params, cfg), masks, lr=cfg.lr, betas=distill.BETAS)
 
     def after_backward(self, step, student, optimizer) -> None:
         # lambda(t) travels in the param groups, so the optimizer's saved state carries it too

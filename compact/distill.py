@@ -341,12 +341,19 @@ def make_accelerator(cfg: DistillConfig, compute_dtype: torch.dtype, fresh: bool
     return Accelerator(mixed_precision=mixed, cpu=cpu, gradient_accumulation_steps=cfg.grad_accum)
 
 
-def _optimizer(params: list[nn.Parameter], cfg: DistillConfig, device: torch.device):
+BETAS = (0.9, 0.95)
+
+
+def param_groups(params: list[nn.Parameter], cfg: DistillConfig) -> list[dict]:
+    """Weight decay on matrices only (not on norms and biases)."""
     decay = [p for p in params if p.ndim >= 2]
     rest = [p for p in params if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=(0.9, 0.95),
-                             fused=device.type == "cuda")
+    return [g for g in groups if g["params"]]
+
+
+def _optimizer(params: list[nn.Parameter], cfg: DistillConfig, device: torch.device):
+    return torch.optim.AdamW(param_groups(params, cfg), lr=cfg.lr, betas=BETAS, fused=device.type == "cuda")
 
 
 def _scheduler(optimizer, cfg: DistillConfig, steps: int):
