@@ -181,8 +181,8 @@ def build(ctx: Ctx) -> None:
                 lr = gr.Number(value=1e-4, label="Learning rate")
                 mask_interval = gr.Number(value=10, precision=0, minimum=1,
                                           label="Mask update interval (steps)")
-                mask_margin = gr.Number(value=0.0, minimum=0,
-                                        label="Mask margin (a pruned weight must beat a kept one by this fraction)")
+                mask_margin = gr.Number(value=0.0, minimum=0, label="Mask margin (a pruned weight must "
+                                        "beat a kept one by this fraction; 0 = the paper)")
                 slorb_k = gr.Dropdown([0, 16, 32, 64], value=0, label="SLoRB block size (0 = off)")
                 resume = gr.Checkbox(value=False, label="Resume the last AST run")
         with gr.Row():
