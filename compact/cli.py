@@ -197,11 +197,12 @@ def _sparsify(p):
         if a.method == "ast":
             from compact import ast
 
+            # eval_tokens=0: the saved model is scored below, as for one-shot
             cfg = ast.AstConfig(
                 model=a.model, out=a.out, teacher=a.teacher, data=a.data, n=n, m=m, tokens=a.tokens,
                 seq_len=a.seq_len, batch=a.batch, lr=a.lr, mask_interval=a.mask_interval,
                 mask_margin=a.mask_margin, decay_alpha=a.decay_alpha, decay_t0=a.decay_t0,
-                slorb_k=a.slorb_k, resume=a.resume, device=a.device, dtype=a.dtype, eval_tokens=0)  # scored below, as for one-shot
+                slorb_k=a.slorb_k, resume=a.resume, device=a.device, dtype=a.dtype, eval_tokens=0)
             same = not a.teacher or a.teacher == a.model  # the dense model teaches: reuse it
             trained = ast.run_ast(cfg, on_event=lambda e: progress(json.dumps(e, default=str)),
                                   teacher=loaded if same else None)
