@@ -115,7 +115,8 @@ def decode_tokens_per_s(model, tokenizer, new_tokens: int, device) -> float:
     return new_tokens / (time.perf_counter() - start)
 
 
-def bench_model(ref, device, dtype, batches, seq_len, new_tokens, repeats, sparse_ok, search_tokens) -> dict:
+def bench_model(ref, device, dtype, batches, seq_len, new_tokens, repeats, sparse_ok,
+                search_tokens) -> dict:
     loaded = models.load(ref, device=str(device), dtype=dtype)
     model, tok = loaded.model, loaded.tokenizer
     sparsity.one_shot(model, "magnitude")
@@ -210,7 +211,8 @@ def main() -> int:
         "device": device_name(device), "torch": torch.__version__, "dtype": str(dtype).replace("torch.", ""),
         "sparse_kernels": {"available": sparse_ok, "reason": reason},
         "layers": bench_layers(device, dtype, shapes, token_counts, repeats, sparse_ok),
-        "model": bench_model(args.model, device, dtype, batches, seq_len, new_tokens, repeats, sparse_ok, args.search_tokens),
+        "model": bench_model(args.model, device, dtype, batches, seq_len, new_tokens, repeats, sparse_ok,
+                             args.search_tokens),
     }
     result["verdict"] = verdict(result)
     result["summary"] = summarize(result)
