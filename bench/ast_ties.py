@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import device_name  # noqa: E402
+from bench.common import device_name, write_json  # noqa: E402
 from compact import ast, data, distill, evaluate, models, sparsity  # noqa: E402
 from compact.arch import weight_oi  # noqa: E402
 
@@ -97,8 +97,7 @@ def main() -> int:
     result["after_training"] = {"steps": args.steps, "rows": [
         {"masks": label, "flip_rate": flips(masks, hooks.initial),
          "loss": loss_with(student.model, s_linears, trained, masks, val)} for label, masks in rows.items()]}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
+    write_json(args.out, result)
     print(json.dumps(result["after_training"]))
     return 0
 

@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 
-from bench.common import device_name  # noqa: E402
+from bench.common import device_name, write_json  # noqa: E402
 
 
 def serve_timed(tmp: Path):
@@ -91,8 +91,7 @@ def main() -> None:
         "prune readout per change (ms)": round(readout_ms, 3),
         "prune keep/drop heatmaps per change (ms)": round(heatmaps_ms, 1),
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    write_json(args.out, result)
     print(json.dumps(result))
 
 

@@ -37,7 +37,7 @@ from compact import data, distill, models, prune  # noqa: E402
 MODES = ("plain", "ce_chunked", "distill")
 
 
-from bench.common import device_name, sync  # noqa: E402
+from bench.common import device_name, sync, write_json  # noqa: E402
 
 
 def rss_bytes() -> int:
@@ -173,8 +173,7 @@ def main() -> int:
             "plain_peak_mb": peaks["plain"] / 2**20,
         },
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
+    write_json(args.out, result)
     print(json.dumps(result["summary"], indent=2))
     return 0
 

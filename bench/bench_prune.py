@@ -29,7 +29,7 @@ from compact import data, evaluate, importance, models, prune, search  # noqa: E
 from compact.arch import weight_oi  # noqa: E402
 
 
-from bench.common import device_name, sync  # noqa: E402
+from bench.common import device_name, sync, write_json  # noqa: E402
 
 
 @torch.no_grad()
@@ -170,8 +170,7 @@ def main() -> None:
         mine = next((r for r in runs if r.get("device") == result["device"]), {})
         others = [r for r in runs if r is not mine]
         # Other devices are kept; on this device a speed-only run keeps the earlier quality part.
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({"runs": others + [{**mine, **result}]}, indent=2))
+        write_json(out, {"runs": others + [{**mine, **result}]})
 
     blocks = data.blocks("builtin", tok, "calibration", a.blocks, a.seq_len)
     result["speed"] = speed(loaded, blocks, a.batch, a.repeats)

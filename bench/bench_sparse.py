@@ -34,7 +34,7 @@ SMALL = [(576, 576), (192, 576), (1536, 576), (576, 1536)]   # default model: q/
 LARGE = [(4096, 4096), (14336, 4096), (4096, 14336)]          # an 8B model
 
 
-from bench.common import device_name, sync  # noqa: E402
+from bench.common import device_name, sync, write_json  # noqa: E402
 
 
 def timed(fn, device, repeats: int, warmup: int = 2) -> float:
@@ -218,8 +218,7 @@ def main() -> int:
     result["summary"] = summarize(result)
     result["seconds"] = time.time() - started
     result["load_average"] = {"start": load_before, "end": os.getloadavg()[0], "cpus": os.cpu_count()}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
+    write_json(args.out, result)
     print(json.dumps(result["summary"]))
     return 0
 

@@ -1,6 +1,8 @@
-"""What every benchmark script shares: naming the device and waiting for it."""
+"""What every benchmark script shares: naming the device, waiting for it, writing results."""
 
+import json
 import platform
+from pathlib import Path
 
 import torch
 
@@ -16,3 +18,9 @@ def sync(device: torch.device) -> None:
     """Wait for queued GPU work so that a timer measures it."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def write_json(path, result) -> None:
+    """Write a result file (creating its folder), as every script under bench/ does."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(result, indent=2) + "\n")

@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from bench.common import device_name  # noqa: E402
+from bench.common import device_name, write_json  # noqa: E402
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -117,8 +117,7 @@ def main() -> None:
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "load.json"))
     args = parser.parse_args()
     result = run(args.users, args.rounds, args.max_seconds, args.distill_tokens)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    write_json(args.out, result)
     print(json.dumps(result))
     if result["errors"]:
         sys.exit(1)
