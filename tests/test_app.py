@@ -104,6 +104,20 @@ def test_sparsify_magnitude_is_exactly_two_four(client):
     assert "exact" in message
 
 
+def test_sparsify_ast_with_slorb_and_margin(client):
+    # 4 steps of 2 x 64 tokens, masks every 2 steps: the AST settings reach the run, the result
+    # keeps 2:4, and the saved SLoRB checkpoint is what was scored (reloaded from disk)
+    per_layer, loss, flips, result, message = client.predict(
+        "ast", "2:4", "builtin", 4, 64, 256, 512, 2, 1e-4, 16, 2, 0.05, False, api_name="/sparsify")
+    training = result["training"]
+    assert training["status"] == "done" and training["steps"] == 4
+    assert training["ast"]["mask_margin"] == 0.05 and training["ast"]["mask_interval"] == 2
+    assert training["slorb"]["k"] == 16
+    assert result["pattern_ok"] is True and result["sparsity"] == pytest.approx(0.5, abs=1e-3)
+    assert (Path(result["out"]) / "slorb.safetensors").is_file()
+    assert math.isfinite(result["ppl_after"])
+
+
 def test_distill_a_few_steps(client, flow):
     out = flow["pruned"]["out"]
     loss, message, result = client.predict("default", out, "builtin", 512, 64, 2, 1e-4, 1.0, 1.0, 0.0, 0.0,
