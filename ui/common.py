@@ -77,9 +77,25 @@ class Ctx:
                 event.then(fn, inputs, outputs, queue=False, api_visibility="private")
 
 
+def current_ref(state: dict | None) -> str:
+    """The reference of the session's model (fills Teacher / Original when a model loads)."""
+    return st.session(state)["ref"]
+
+
 def current(state: dict | None) -> models.Loaded:
     """The session's model from the shared cache (loaded on first use)."""
-    return st.CACHE.get(st.session(state)["ref"])
+    return st.CACHE.get(current_ref(state))
+
+
+def job_buttons(label: str, **layout) -> tuple[gr.Button, gr.Button]:
+    """A job tab's start button and its Cancel, placed in the caller's layout."""
+    return gr.Button(label, variant="primary", **layout), gr.Button("Cancel", variant="stop", **layout)
+
+
+def upload_box(what: str) -> gr.File:
+    """The optional text upload beside a data choice."""
+    return gr.File(label=f"Or upload {what} text (.txt or .jsonl with a 'text' field)",
+                   file_types=UPLOAD_TYPES, type="filepath", height=80)
 
 
 def human(n: float, unit: str = "") -> str:

@@ -14,7 +14,7 @@ import gradio as gr
 from compact import data, evaluate
 from ui import jobs, model_tab
 from ui import state as st
-from ui.common import DATA_CHOICES, HEAVY, Ctx, gpu, human, model_choices
+from ui.common import DATA_CHOICES, HEAVY, Ctx, current_ref, gpu, human, job_buttons, model_choices
 
 SLOTS = 4
 EVAL_SEQ_LEN = 256
@@ -79,10 +79,6 @@ def choices(state: dict | None, *current: str | None):
     return updates
 
 
-def original_ref(state: dict | None):
-    return st.session(state)["ref"]
-
-
 def build(ctx: Ctx) -> None:
     with gr.Tab("Compare", id="compare"):
         gr.Markdown("The same prompt, decoding settings and seed for every model. Pick compressed "
@@ -93,8 +89,7 @@ def build(ctx: Ctx) -> None:
                      for i in range(1, SLOTS)]
         with gr.Row():
             prompt = gr.Textbox(value="The capital of France is", label="Prompt", scale=3)
-            go = gr.Button("Generate", variant="primary", scale=1)
-            stop = gr.Button("Cancel", variant="stop", scale=1)
+            go, stop = job_buttons("Generate", scale=1)
         with gr.Row():
             max_new = gr.Slider(1, 256, value=48, step=1, label="Max new tokens", elem_id="cmp-max-new")
             temperature = gr.Slider(0, 2, value=0, step=0.05, label="Temperature (0 = greedy)")
@@ -121,4 +116,4 @@ def build(ctx: Ctx) -> None:
                      [*texts, *speeds, table, summary], api_name="compare", **HEAVY)
     stop.click(None, None, None, cancels=[event], api_visibility="private")
     ctx.on_outputs.append((choices, [ctx.state, *slots], slots))
-    ctx.on_model.append((original_ref, [ctx.state], [original]))
+    ctx.on_model.append((current_ref, [ctx.state], [original]))

@@ -10,7 +10,8 @@ import gradio as gr
 from compact import distill
 from ui import jobs, plots
 from ui import state as st
-from ui.common import DATA_CHOICES, HEAVY, UPLOAD_TYPES, Ctx, gpu, model_choices, take_upload
+from ui.common import (DATA_CHOICES, HEAVY, Ctx, current_ref, gpu, job_buttons, model_choices, take_upload,
+                       upload_box)
 
 
 def loss_plot(events: list[dict]):
@@ -109,10 +110,6 @@ def choices(state: dict | None):
     return gr.Dropdown(choices=model_choices(state))
 
 
-def teacher_ref(state: dict | None):
-    return st.session(state)["ref"]
-
-
 def build(ctx: Ctx) -> None:
     with gr.Tab("Distill", id="distill"):
         gr.Markdown("Train a pruned student toward its teacher with logit distillation (KL at a "
@@ -133,11 +130,9 @@ def build(ctx: Ctx) -> None:
             hidden_weight = gr.Number(value=0.0, label="Hidden-state weight")
             eval_tokens = gr.Number(value=8192, precision=0, minimum=0, label="Validation tokens")
             resume = gr.Checkbox(value=False, label="Resume the last run of this student")
-        upload = gr.File(label="Or upload training text (.txt or .jsonl with a 'text' field)",
-                         file_types=UPLOAD_TYPES, type="filepath", height=80)
+        upload = upload_box("training")
         with gr.Row():
-            go = gr.Button("Distill", variant="primary")
-            stop = gr.Button("Cancel", variant="stop")
+            go, stop = job_buttons("Distill")
         status = gr.Markdown()
         loss = gr.Plot(plots.empty("The loss appears here as training runs"), label="Loss")
         result = gr.JSON(visible=False)
@@ -148,4 +143,4 @@ def build(ctx: Ctx) -> None:
     stop.click(jobs.cancel, None, status, queue=False, api_visibility="private")
     upload.upload(take_upload, upload, src, api_name="upload_distill_data")
     ctx.on_outputs.append((choices, [ctx.state], [student]))
-    ctx.on_model.append((teacher_ref, [ctx.state], [teacher]))
+    ctx.on_model.append((current_ref, [ctx.state], [teacher]))

@@ -9,7 +9,7 @@ import gradio as gr
 from compact.experiments import EXPERIMENTS, ExperimentConfig
 from ui import jobs, plots
 from ui import state as st
-from ui.common import HEAVY, Ctx, gpu
+from ui.common import HEAVY, Ctx, gpu, job_buttons
 
 ABOUT = {
     "axis-ablation": "Prune to the same parameter count along depth, MLP, attention, embedding "
@@ -91,8 +91,7 @@ def build(ctx: Ctx) -> None:
             src = gr.Textbox(value="builtin", label="Data")
         about = gr.Markdown(ABOUT["axis-ablation"])
         with gr.Row():
-            go = gr.Button("Run experiment", variant="primary")
-            stop = gr.Button("Cancel", variant="stop")
+            go, stop = job_buttons("Run experiment")
         status = gr.Markdown()
         results = gr.Dataframe(label="Results", interactive=False)
         fig = gr.Plot(plots.empty("Run an experiment"), label="Validation loss per arm")

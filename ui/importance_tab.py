@@ -9,7 +9,7 @@ import gradio as gr
 from compact import data, importance
 from ui import jobs, plots
 from ui import state as st
-from ui.common import DATA_CHOICES, HEAVY, UPLOAD_TYPES, Ctx, current, gpu, take_upload
+from ui.common import DATA_CHOICES, HEAVY, Ctx, current, gpu, job_buttons, take_upload, upload_box
 
 DEFAULT_SAMPLES = 32
 DEFAULT_SEQ_LEN = 256
@@ -104,11 +104,9 @@ def build(ctx: Ctx) -> None:
             batch_agg = gr.Dropdown(list(importance.AGGREGATIONS), value="l2", label="Batch aggregation")
             seq_agg = gr.Dropdown(list(importance.AGGREGATIONS), value="mean", label="Sequence aggregation")
             depth_ppl = gr.Checkbox(value=False, label="Layer perplexity (one pass per layer, slower)")
-        upload = gr.File(label="Or upload calibration text (.txt or .jsonl with a 'text' field)",
-                         file_types=UPLOAD_TYPES, type="filepath", height=80)
+        upload = upload_box("calibration")
         with gr.Row():
-            go = gr.Button("Estimate importance", variant="primary")
-            stop = gr.Button("Cancel", variant="stop")
+            go, stop = job_buttons("Estimate importance")
         status = gr.Markdown(elem_id="imp-status")
         with gr.Row():
             heads = gr.Plot(plots.empty("Run importance to see scores"), label="Heads", elem_id="imp-heads")

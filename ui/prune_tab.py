@@ -16,7 +16,7 @@ from compact.errors import UserError
 from compact.shapes import Shape
 from ui import importance_tab, jobs
 from ui import state as st
-from ui.common import DATA_CHOICES, HEAVY, Ctx, current, gib, gpu, human
+from ui.common import DATA_CHOICES, HEAVY, Ctx, current, gib, gpu, human, job_buttons
 
 EVAL_TOKENS = 4096
 EVAL_SEQ_LEN = 256
@@ -209,8 +209,7 @@ def build(ctx: Ctx) -> None:
             src = gr.Dropdown(DATA_CHOICES, value="builtin", allow_custom_value=True, label="Validation data")
             eval_tokens = gr.Number(value=EVAL_TOKENS, precision=0, minimum=256, label="Validation tokens",
                                     elem_id="prune-eval-tokens")
-            go = gr.Button("Prune", variant="primary")
-            stop = gr.Button("Cancel", variant="stop")
+            go, stop = job_buttons("Prune")
         status = gr.Markdown(elem_id="prune-status")
         result = gr.JSON(label="Pruned model", visible=False)
         with gr.Row():

@@ -13,7 +13,7 @@ import gradio as gr
 from compact import data, evaluate, models, sparsity
 from ui import jobs, plots
 from ui import state as st
-from ui.common import DATA_CHOICES, HEAVY, Ctx, current, gpu
+from ui.common import DATA_CHOICES, HEAVY, Ctx, current, gpu, job_buttons
 
 METHODS = ["magnitude", "wanda", "sparsegpt", "ast"]
 EVAL_SEQ_LEN = 256
@@ -186,8 +186,7 @@ def build(ctx: Ctx) -> None:
                 slorb_k = gr.Dropdown([0, 16, 32, 64], value=0, label="SLoRB block size (0 = off)")
                 resume = gr.Checkbox(value=False, label="Resume the last AST run")
         with gr.Row():
-            go = gr.Button("Sparsify", variant="primary")
-            stop = gr.Button("Cancel", variant="stop")
+            go, stop = job_buttons("Sparsify")
         status = gr.Markdown()
         per_layer = gr.Plot(plots.empty("Per-layer sparsity appears here"), label="Per-layer sparsity")
         with gr.Row():
