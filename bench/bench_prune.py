@@ -89,7 +89,7 @@ def magnitude_scores(model, like: importance.Scores) -> importance.Scores:
     channels = per_layer.sum(0) + a.final_norm(model).weight.float().abs() + \
         a.embed(model).weight.float().norm(dim=0)
     return importance.Scores(torch.stack(heads).cpu(), torch.stack(neurons).cpu(), channels.cpu(),
-                             per_layer.cpu(), like.layers_bi, like.layers_ppl, dict(like.meta))
+                             per_layer.cpu(), dict(like.layers), dict(like.meta))
 
 
 def quality(loaded, calib, val, batch, keep: float, depth_blocks: int, out: dict, save) -> None:
@@ -119,7 +119,7 @@ def quality(loaded, calib, val, batch, keep: float, depth_blocks: int, out: dict
     rand = importance.Scores(torch.rand(scores.heads.shape, generator=g),
                              torch.rand(scores.neurons.shape, generator=g),
                              torch.rand(scores.channels.shape, generator=g),
-                             torch.zeros_like(scores.channels_per_layer), scores.layers_bi, None,
+                             torch.zeros_like(scores.channels_per_layer), {"bi": scores.layers_bi},
                              dict(scores.meta))
     step("width_random_ppl", lambda: ppl(prune.trim(model, rand, **wt)))
     step("width_magnitude_ppl", lambda: ppl(prune.trim(model, magnitude_scores(model, scores), **wt)))

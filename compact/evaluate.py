@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from compact.errors import UserError
+from compact.options import LoadOptions, option
 
 
 @torch.no_grad()
@@ -83,3 +85,56 @@ def generate(model, tokenizer, prompt: str, max_new_tokens: int = 32, temperatur
         "seconds": seconds,
         "tokens_per_s": new.numel() / seconds if seconds > 0 else 0.0,
     }
+
+
+# -- the jobs -----------------------------------------------------------------------------------
+
+@dataclass(kw_only=True)
+class InfoConfig(LoadOptions):
+    model: str = option(help="Hub id, local folder, .gguf file or 'default'")
+
+
+@dataclass(kw_only=True)
+class EvalConfig(LoadOptions):
+    model: str = option(help="Hub id, local folder, .gguf file or 'default'")
+    data: str = option("builtin", "validation text (SRC)")
+    tokens: int = option(8192, "validation tokens to score")
+    seq_len: int = option(512, "tokens per validation block")
+    batch: int = option(8, "blocks per forward pass")
+
+
+@dataclass(kw_only=True)
+class GenerateConfig(LoadOptions):
+    model: str = option(help="Hub id, local folder, .gguf file or 'default'")
+    prompt: str = option(help="text to continue")
+    max_new_tokens: int = option(32, "tokens to generate")
+    temperature: float = option(0.0, "0 means greedy")
+    top_p: float = option(1.0, "nucleus sampling mass")
+    seed: int = option(0, "sampling seed")
+    chat: bool = option(False, "wrap the prompt in the chat template")
+
+
+def _load(cfg, loaded):
+    from compact import models
+
+    return loaded or models.load(cfg.model, **cfg.load_kwargs())
+
+
+def info_job(cfg: InfoConfig, progress=None, should_stop=None, loaded=None) -> dict:
+    return _load(cfg, loaded).info()
+
+
+def eval_job(cfg: EvalConfig, progress=None, should_stop=None, loaded=None) -> dict:
+    from compact import data
+
+    loaded = _load(cfg, loaded)
+    blocks = data.blocks(cfg.data, loaded.tokenizer, "validation", data.n_blocks_for(cfg.tokens, cfg.seq_len),
+                         cfg.seq_len, model=loaded.model)
+    return {"model": cfg.model, "data": cfg.data, "seq_len": cfg.seq_len,
+            **perplexity(loaded.model, blocks, cfg.batch)}
+
+
+def generate_job(cfg: GenerateConfig, progress=None, should_stop=None, loaded=None) -> dict:
+    loaded = _load(cfg, loaded)
+    return {"model": cfg.model, **generate(loaded.model, loaded.tokenizer, cfg.prompt, cfg.max_new_tokens,
+                                           cfg.temperature, cfg.top_p, cfg.seed, cfg.chat)}

@@ -22,6 +22,7 @@ import torch
 
 from compact import data, evaluate, models, runs
 from compact.errors import UserError
+from compact.options import option
 from compact.shapes import Shape, shape_error, valid_values
 
 # Each arm names the axes it shrinks; combinations shrink their axes by one common factor.
@@ -36,21 +37,31 @@ AXIS_ARMS = {
 }
 
 
-@dataclass
+@dataclass(kw_only=True)
 class ExperimentConfig:
-    model: str = "default"
-    out: str = "experiments"
-    data: str = "builtin"
-    keep: float = 0.8  # fraction of the parameters the pruned models keep
-    tokens: int = 16384  # distillation tokens per arm
-    seq_len: int = 128
-    batch: int = 4
-    lr: float = 2e-4
-    samples: int = 32  # calibration blocks for importance
-    eval_tokens: int = 4096
-    seed: int = 0
-    device: str | None = None
-    session: str | None = None  # the app's session, so each arm shows among that visitor's runs
+    name: str = option("axis-ablation", "which finding to test", positional=True,
+                       choices=("axis-ablation", "kd-vs-ce", "sparse-methods"))
+    model: str = option("default", "Hub id, local folder, .gguf file or 'default'")
+    out: str = option("experiments", "folder for the arms and results.json / results.md")
+    data: str = option("builtin", "calibration / training / validation text (SRC)")
+    keep: float = option(0.8, "fraction of parameters kept")
+    tokens: int = option(16384, "training tokens per arm")
+    seq_len: int = option(128, "tokens per block")
+    batch: int = option(4, "sequences per batch")
+    lr: float = option(2e-4, "learning rate")
+    samples: int = option(32, "calibration blocks for importance")
+    eval_tokens: int = option(4096, "validation tokens")
+    seed: int = option(0, "seed")
+    device: str | None = option(None, "cpu, cuda, cuda:1 ... (default: automatic)")
+    # The app's session, so each arm shows among that visitor's runs; not part of the recipe.
+    session: str | None = None
+    NOT_REPRODUCED = ("session",)
+
+    def check(self) -> None:
+        if not 0.05 <= self.keep < 1.0:
+            raise UserError("--keep must be between 0.05 and 1 (the fraction of parameters kept)")
+        if self.tokens <= 0:
+            raise UserError("--tokens must be positive")
 
 
 def _nearest(values: list[int], x: float) -> int:
@@ -217,7 +228,7 @@ def sparse_methods(cfg: ExperimentConfig, on_event=None, should_stop=None, slorb
     calib = _blocks(dense, cfg, "calibration", cfg.samples * cfg.seq_len)
     val = _blocks(dense, cfg, "validation", cfg.eval_tokens)
     rows = [{"method": "dense", "loss": evaluate.loss_on(dense.model, val), "pattern_ok": None}]
-    for method in ("magnitude", "wanda", "sparsegpt"):
+    for method in sparsity.ONE_SHOT:
         if should_stop and should_stop():
             break
         with runs.track("experiment:sparse", cfg.model, {"method": method}, session=cfg.session) as run:
@@ -249,3 +260,11 @@ def sparse_methods(cfg: ExperimentConfig, on_event=None, should_stop=None, slorb
 
 
 EXPERIMENTS = {"axis-ablation": axis_ablation, "kd-vs-ce": kd_vs_ce, "sparse-methods": sparse_methods}
+
+
+def run(cfg: ExperimentConfig, progress=None, should_stop=None, on_event=None) -> dict:
+    """The experiment job: run cfg.name's arms and write results.json / results.md."""
+    cfg.check()
+    if cfg.name not in EXPERIMENTS:
+        raise UserError(f"unknown experiment '{cfg.name}': use {', '.join(EXPERIMENTS)}")
+    return EXPERIMENTS[cfg.name](cfg, on_event=on_event, should_stop=should_stop)

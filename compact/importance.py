@@ -26,15 +26,19 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from compact import arch as arch_mod
-from compact.errors import UserError
+from compact.errors import Cancelled, UserError
+from compact.options import LoadOptions, option
 
 AGGREGATIONS = ("mean", "l2", "var")
-TENSOR_FIELDS = ("heads", "neurons", "channels", "channels_per_layer", "layers_bi", "layers_ppl")
+SCORE_FIELDS = ("heads", "neurons", "channels", "channels_per_layer")
 META_KEY = "compact_scores"
 
-
-class Cancelled(Exception):
-    """Raised when should_stop() asked the importance pass to end early."""
+# Depth metrics, keyed by name: Scores.layers holds one (layers,) tensor per metric computed.
+# name -> (label, how it is computed)
+DEPTH_METRICS = {
+    "bi": ("Block Importance", "1 - mean cos(block input, block output), from the main pass"),
+    "ppl": ("perplexity", "calibration-loss increase when the layer alone is skipped (--depth-ppl)"),
+}
 
 
 @dataclass
@@ -43,26 +47,53 @@ class Scores:
     neurons: torch.Tensor  # (layers, ffn) MLP neuron importance
     channels: torch.Tensor  # (hidden,) summed over every residual norm, final norm included
     channels_per_layer: torch.Tensor  # (layers, hidden): the two norms of each block
-    layers_bi: torch.Tensor  # (layers,) Block Importance
-    layers_ppl: torch.Tensor | None  # (layers,) loss increase when the layer is skipped
+    layers: dict[str, torch.Tensor] = field(default_factory=dict)  # DEPTH_METRICS name -> (layers,)
     meta: dict = field(default_factory=dict)
+
+    @property
+    def layers_bi(self) -> torch.Tensor | None:
+        return self.layers.get("bi")
+
+    @property
+    def layers_ppl(self) -> torch.Tensor | None:
+        return self.layers.get("ppl")
+
+    @layers_ppl.setter
+    def layers_ppl(self, value: torch.Tensor | None) -> None:
+        if value is None:
+            self.layers.pop("ppl", None)
+        else:
+            self.layers["ppl"] = value
+
+    def depth(self, metric: str) -> torch.Tensor:
+        if metric not in DEPTH_METRICS:
+            raise UserError(f"unknown depth metric '{metric}': use {' or '.join(DEPTH_METRICS)}")
+        if metric not in self.layers:
+            label, how = DEPTH_METRICS[metric]
+            raise UserError(f"these scores have no {label} layer importance ({how}); "
+                            f"use --depth-metric {' or '.join(self.layers)}")
+        return self.layers[metric]
 
     @property
     def channels_final(self) -> torch.Tensor:
         """The final norm's share of `channels` (the rest is channels_per_layer summed)."""
         return self.channels - self.channels_per_layer.sum(0)
 
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Flat name -> tensor, as in the file: depth metrics as layers_<name>."""
+        return {**{k: getattr(self, k) for k in SCORE_FIELDS},
+                **{f"layers_{k}": v for k, v in self.layers.items()}}
+
     def save(self, path) -> Path:
         """One .safetensors file: the score tensors, settings as JSON in the header metadata."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tensors = {name: getattr(self, name).detach().float().cpu().contiguous()
-                   for name in TENSOR_FIELDS if getattr(self, name) is not None}
+        tensors = {k: v.detach().float().cpu().contiguous() for k, v in self.tensors().items()}
         save_file(tensors, str(path), metadata={META_KEY: json.dumps(self.meta, default=str)})
         return path
 
     @classmethod
-    def load(cls, path) -> "Scores":
+    def load(cls, path) -> Scores:
         path = Path(path)
         if not path.is_file():
             raise UserError(f"importance file not found: {path}")
@@ -72,10 +103,12 @@ class Scores:
                 tensors = {k: f.get_tensor(k) for k in f.keys()}
         except Exception as e:  # safetensors raises several types for a damaged header
             raise UserError(f"{path} is not a readable importance file ({type(e).__name__})") from None
-        missing = [k for k in TENSOR_FIELDS[:-1] if k not in tensors]
+        missing = [k for k in (*SCORE_FIELDS, "layers_bi") if k not in tensors]
         if meta is None or missing:
             raise UserError(f"{path} is not an importance file written by compact")
-        scores = cls(**{k: tensors.get(k) for k in TENSOR_FIELDS}, meta=meta)
+        scores = cls(**{k: tensors[k] for k in SCORE_FIELDS}, meta=meta,
+                     layers={k.removeprefix("layers_"): v for k, v in tensors.items()
+                             if k.startswith("layers_") and k.removeprefix("layers_") in DEPTH_METRICS})
         scores.check()
         return scores
 
@@ -84,15 +117,13 @@ class Scores:
         layers, heads = self.heads.shape
         ok = (self.neurons.dim() == 2 and self.neurons.shape[0] == layers
               and self.channels_per_layer.shape == (layers, self.channels.numel())
-              and self.layers_bi.shape == (layers,)
-              and (self.layers_ppl is None or self.layers_ppl.shape == (layers,)))
+              and all(t.shape == (layers,) for t in self.layers.values()))
         if not ok:
             raise UserError("importance file holds tensors of inconsistent shapes")
 
-    def to(self, device) -> "Scores":
-        moved = {k: (None if getattr(self, k) is None else getattr(self, k).to(device))
-                 for k in TENSOR_FIELDS}
-        return Scores(**moved, meta=dict(self.meta))
+    def to(self, device) -> Scores:
+        return Scores(**{k: getattr(self, k).to(device) for k in SCORE_FIELDS},
+                      layers={k: v.to(device) for k, v in self.layers.items()}, meta=dict(self.meta))
 
 
 def _seq_reduce(x: torch.Tensor, how: str) -> torch.Tensor:
@@ -217,8 +248,7 @@ def estimate(model, blocks: torch.Tensor, batch_agg: str = "l2", seq_agg: str = 
         neurons=torch.stack([s.result(batch_agg) for s in neurons]),
         channels=per_layer.sum(0) + final_stat.result(batch_agg),
         channels_per_layer=per_layer,
-        layers_bi=(1 - cos_sum / cos_count[0]).float().cpu(),
-        layers_ppl=None,
+        layers={"bi": (1 - cos_sum / cos_count[0]).float().cpu()},
         meta={
             "model": getattr(model.config, "_name_or_path", "") or "",
             "family": arch.family,
@@ -231,7 +261,7 @@ def estimate(model, blocks: torch.Tensor, batch_agg: str = "l2", seq_agg: str = 
         },
     )
     if depth_ppl:
-        scores.layers_ppl = layer_loss_increase(
+        scores.layers["ppl"] = layer_loss_increase(
             model, blocks, batch_size, progress=progress, should_stop=should_stop,
             done=1 / passes)
     return scores
@@ -269,3 +299,60 @@ def _skip_block(module, args, kwargs, output):
     if isinstance(output, tuple):
         return (x, *output[1:])
     return x
+
+
+# -- the job ------------------------------------------------------------------------------------
+
+Progress = Callable[[float, str], None]
+StopCheck = Callable[[], bool]
+
+
+@dataclass(kw_only=True)
+class CalibrationOptions:
+    """The calibration blocks an importance pass reads (shared by importance, prune, search)."""
+
+    data: str = option("builtin", "calibration text (SRC)")
+    samples: int = option(128, "calibration blocks")
+    seq_len: int = option(512, "tokens per calibration block")
+    batch: int = option(8, "blocks per forward pass")
+    batch_agg: str = option("l2", "reduce each score over the batch", choices=AGGREGATIONS)
+    seq_agg: str = option("mean", "reduce each score over the sequence", choices=AGGREGATIONS)
+
+    def calibration_blocks(self, loaded) -> torch.Tensor:
+        from compact import data
+
+        if self.samples <= 0:
+            raise UserError("--samples must be positive")
+        return data.blocks(self.data, loaded.tokenizer, "calibration", self.samples, self.seq_len,
+                           model=loaded.model)
+
+    def estimate(self, loaded, depth_ppl: bool = False, progress: Progress | None = None,
+                 should_stop: StopCheck | None = None) -> Scores:
+        blocks = self.calibration_blocks(loaded)
+        if progress is not None:
+            progress(0.0, f"importance on {len(blocks)} blocks of {self.seq_len} tokens from {self.data}")
+        scores = estimate(loaded.model, blocks, self.batch_agg, self.seq_agg, self.batch, depth_ppl,
+                          progress=progress, should_stop=should_stop)
+        scores.meta.update(model=loaded.ref, data=self.data)
+        return scores
+
+
+@dataclass(kw_only=True)
+class ImportanceConfig(CalibrationOptions, LoadOptions):
+    model: str = option(help="Hub id, local folder, .gguf file or 'default'")
+    depth_ppl: bool = option(False, "also the loss increase when each layer is skipped (one pass per layer)")
+    out: str = option(help="scores file (.safetensors)")
+
+
+def run(cfg: ImportanceConfig, progress: Progress | None = None, should_stop: StopCheck | None = None,
+        loaded=None) -> dict:
+    """The importance job: estimate every score on the calibration blocks, save them to cfg.out."""
+    from compact import models
+
+    loaded = loaded or models.load(cfg.model, **cfg.load_kwargs())
+    scores = cfg.estimate(loaded, cfg.depth_ppl, progress, should_stop)
+    path = scores.save(cfg.out)
+    order = scores.layers_bi.argsort().tolist()
+    return {"model": cfg.model, "out": str(path), **{k: scores.meta[k] for k in (
+            "family", "samples", "seq_len", "batch_agg", "seq_agg", "depth_ppl")},
+            "least_important_layers_bi": order[:5]}

@@ -26,10 +26,9 @@ from transformers.initialization import no_init_weights
 
 from compact import arch as arch_mod
 from compact.errors import UserError
-from compact.importance import Scores
+from compact.importance import DEPTH_METRICS, CalibrationOptions, Progress, Scores, StopCheck
+from compact.options import LoadOptions, option
 from compact.shapes import Shape, shape_error
-
-DEPTH_METRICS = ("bi", "ppl")
 
 
 @dataclass
@@ -146,7 +145,7 @@ def plan(scores: Scores | None, shape: Shape, layers=None, hidden=None, ffn=None
     tied = arch_mod.FAMILIES[family].hidden_tied_to_heads if family in arch_mod.FAMILIES else False
     target, drop = resolve_targets(shape, layers, hidden, ffn, heads, drop_layers, tied)
     if depth_metric not in DEPTH_METRICS:
-        raise UserError(f"unknown depth metric '{depth_metric}': use bi or ppl")
+        raise UserError(f"unknown depth metric '{depth_metric}': use {' or '.join(DEPTH_METRICS)}")
     needs_scores = (target.hidden < shape.hidden or target.ffn < shape.ffn
                     or target.heads < shape.heads or (target.layers < shape.layers and drop is None))
     if needs_scores:
@@ -157,11 +156,7 @@ def plan(scores: Scores | None, shape: Shape, layers=None, hidden=None, ffn=None
     if drop is not None:
         kept_layers = [i for i in range(shape.layers) if i not in set(drop)]
     elif target.layers < shape.layers:
-        metric = scores.layers_bi if depth_metric == "bi" else scores.layers_ppl
-        if metric is None:
-            raise UserError("these scores have no perplexity layer importance; "
-                            "compute it with --depth-ppl or use --depth-metric bi")
-        kept_layers = _top(metric, target.layers)
+        kept_layers = _top(scores.depth(depth_metric), target.layers)
     else:
         kept_layers = list(range(shape.layers))
 
@@ -329,3 +324,60 @@ def prune_and_save(loaded, scores: Scores | None, out, head_residual: bool = Fal
         "dropped_layers": p.dropped_layers,
         "trim_seconds": round(seconds, 3),
     }
+
+
+# -- the job ------------------------------------------------------------------------------------
+
+@dataclass(kw_only=True)
+class TargetOptions(CalibrationOptions):
+    """A pruning target and where its scores come from (shared by prune and search's ranking)."""
+
+    depth_metric: str = option("bi", "which layers go: lowest Block Importance (bi) or loss increase (ppl)",
+                               choices=DEPTH_METRICS)
+    importance: str | None = option(None, "scores file from 'importance' (else computed from --data)")
+
+    def scores_for(self, loaded, needed: bool, progress=None, should_stop=None) -> Scores | None:
+        if self.importance:
+            return Scores.load(self.importance)
+        if not needed:
+            return None
+        return self.estimate(loaded, self.depth_metric == "ppl", progress, should_stop)
+
+
+@dataclass(kw_only=True)
+class PruneConfig(TargetOptions, LoadOptions):
+    model: str = option(help="Hub id, local folder, .gguf file or 'default'")
+    out: str = option(help="folder for the pruned checkpoint")
+    layers: int | None = option(None, "layers to keep")
+    hidden: int | None = option(None, "residual channels (hidden size) to keep")
+    ffn: int | None = option(None, "MLP neurons per layer to keep")
+    heads: int | None = option(None, "query heads per layer to keep")
+    samples: int = option(64, "calibration blocks")
+    drop_layers: str | None = option(None, "explicit layers to drop, e.g. 3,5")
+    head_residual: bool = option(False, "fold pruned heads into kept ones (paper's head residual; off by default)")
+
+    def targets(self) -> dict:
+        return dict(layers=self.layers, hidden=self.hidden, ffn=self.ffn, heads=self.heads,
+                    drop_layers=parse_layer_list(self.drop_layers))
+
+
+def run(cfg: PruneConfig, progress: Progress | None = None, should_stop: StopCheck | None = None,
+        loaded=None, scores: Scores | None = None) -> dict:
+    """The prune job: check the targets, get scores if the target needs them, trim and save."""
+    from compact import models
+
+    loaded = loaded or models.load(cfg.model, **cfg.load_kwargs())
+    targets = cfg.targets()
+    # Validate the targets before any slow pass: scores are only needed past this point.
+    target, drop = resolve_targets(loaded.shape, cfg.layers, cfg.hidden, cfg.ffn, cfg.heads,
+                                   targets["drop_layers"], loaded.arch.hidden_tied_to_heads)
+    src = loaded.shape
+    needed = (cfg.head_residual or (target.layers < src.layers and drop is None)
+              or (target.hidden, target.ffn, target.heads) != (src.hidden, src.ffn, src.heads))
+    if scores is None:
+        scores = cfg.scores_for(loaded, needed, progress, should_stop)
+    if progress is not None:
+        progress(0.95, "trimming")
+    summary = prune_and_save(loaded, scores, cfg.out, head_residual=cfg.head_residual,
+                             depth_metric=cfg.depth_metric, **targets)
+    return {"model": cfg.model, **summary}

@@ -10,11 +10,14 @@ without it ranks one-shot, as NVIDIA's reference code does.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Callable
 
-from compact.errors import UserError
-from compact.importance import Cancelled, Scores
-from compact.shapes import Shape, valid_values, shape_error
+from compact.errors import Cancelled, UserError
+from compact.importance import Progress, Scores, StopCheck
+from compact.options import LoadOptions, option
+from compact.prune import TargetOptions, parse_layer_list
+from compact.shapes import Shape, shape_error, valid_values
 
 SHAPE_FIELDS = ("layers", "hidden", "ffn", "heads", "kv_heads", "head_dim")
 
@@ -139,3 +142,59 @@ def parse_params(text: str, source_params: int) -> int:
     if value <= 0:
         raise UserError("the parameter budget must be positive")
     return int(value)
+
+
+# -- the job ------------------------------------------------------------------------------------
+
+@dataclass(kw_only=True)
+class SearchConfig(TargetOptions, LoadOptions):
+    model: str = option(help="Hub id, local folder, .gguf file or 'default'")
+    params: str = option(help="budget: 90M, 1.5B, 90000000 or 0.7 (fraction)")
+    tolerance: float = option(0.05, "accepted distance from the budget (0.05 = 5%%)")
+    top: int = option(8, "candidates to prune and score (spread evenly)")
+    layers: str | None = option(None, "layer counts to try, e.g. 24,26,28")
+    hidden: str | None = option(None, "hidden sizes to try")
+    ffn: str | None = option(None, "FFN sizes to try")
+    heads: str | None = option(None, "head counts to try")
+    hidden_step: int = option(64, "hidden grid step")
+    ffn_step: int = option(64, "FFN grid step")
+    min_fraction: float = option(0.5, "smallest size per axis")
+    adapt_tokens: int = option(0, "distill each candidate this many tokens before ranking "
+                                  "(the paper's short retraining)")
+    samples: int = option(32, "calibration blocks")
+
+    def check(self) -> None:
+        if self.adapt_tokens < 0:
+            raise UserError("--adapt-tokens must be positive")
+
+    def grid(self) -> dict:
+        return {k: parse_layer_list(getattr(self, k)) for k in ("layers", "hidden", "ffn", "heads")}
+
+
+def run(cfg: SearchConfig, progress: Progress | None = None, should_stop: StopCheck | None = None,
+        loaded=None, scores: Scores | None = None) -> dict:
+    """The search job: shapes within the budget, pruned with the same scores and ranked."""
+    from compact import models
+
+    cfg.check()
+    loaded = loaded or models.load(cfg.model, **cfg.load_kwargs())
+    budget = parse_params(cfg.params, loaded.shape.params)
+    found = candidates(loaded.shape, budget, cfg.tolerance, **cfg.grid(), hidden_step=cfg.hidden_step,
+                       ffn_step=cfg.ffn_step, min_fraction=cfg.min_fraction,
+                       hidden_tied_to_heads=loaded.arch.hidden_tied_to_heads)
+    if not found:
+        raise UserError(f"no shape on this grid lies within {cfg.tolerance:.0%} of {budget} "
+                        "parameters; widen --tolerance or the grid")
+    chosen = spread(found, cfg.top)
+    if progress is not None:
+        progress(0.0, f"{len(found)} shapes within {cfg.tolerance:.0%} of {budget:,} parameters; "
+                      f"scoring {len(chosen)}")
+    scores = scores or cfg.scores_for(loaded, True, progress, should_stop)
+    blocks = cfg.calibration_blocks(loaded)
+    adapt = None
+    if cfg.adapt_tokens:
+        adapt = distill_adapter(loaded, cfg.data or "builtin", cfg.adapt_tokens, cfg.seq_len, cfg.batch)
+    rows = rank(loaded.model, scores, chosen, blocks, cfg.batch, cfg.depth_metric, adapt=adapt,
+                progress=progress, should_stop=should_stop)
+    return {"model": cfg.model, "budget": budget, "tolerance": cfg.tolerance,
+            "adapt_tokens": cfg.adapt_tokens, "candidates_in_budget": len(found), "ranked": rows}

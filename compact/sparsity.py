@@ -23,24 +23,24 @@ base weights stay an ordinary transformers checkpoint.
 from __future__ import annotations
 
 import types
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
-from torch import Tensor, nn
 import torch.nn.functional as F
+from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
 from compact import arch as arch_mod
 from compact.arch import weight_oi
-from compact.errors import UserError
+from compact.errors import Cancelled, UserError
 
-METHODS = ("magnitude", "wanda", "sparsegpt")
 SPARSEGPT_BLOCK = 128
 SPARSEGPT_DAMP = 0.01
 SLORB_FILE = "slorb.safetensors"
 
-Progress = Callable[..., object]  # called as progress(fraction, desc=...), like gr.Progress
+Progress = Callable[[float, str], None]
 
 
 # ---------------------------------------------------------------------------------- patterns
@@ -170,16 +170,17 @@ def _inverse_cholesky(H: Tensor, damp: float) -> Tensor:
 
 
 class _Stats:
-    """Running input statistics of one linear: per-channel squares (Wanda) or X^T X (SparseGPT)."""
+    """Running input statistics of one linear, named by a method's `statistic`:
+    "sq_norm" per-channel mean of squares (Wanda), "gram" X^T X / tokens (SparseGPT)."""
 
-    def __init__(self, in_f: int, method: str, device):
-        self.method, self.count = method, 0
-        shape = (in_f, in_f) if method == "sparsegpt" else (in_f,)
+    def __init__(self, in_f: int, statistic: str, device):
+        self.statistic, self.count = statistic, 0
+        shape = (in_f, in_f) if statistic == "gram" else (in_f,)
         self.acc = torch.zeros(shape, device=device, dtype=torch.float32)
 
     def add(self, x: Tensor) -> None:
         x = x.detach().reshape(-1, x.shape[-1]).float()
-        if self.method == "sparsegpt":
+        if self.statistic == "gram":
             self.acc.addmm_(x.T, x)
         else:
             self.acc += (x * x).sum(0)
@@ -187,6 +188,27 @@ class _Stats:
 
     def value(self) -> Tensor:
         return self.acc / max(self.count, 1)
+
+
+@dataclass(frozen=True)
+class OneShotMethod:
+    """A one-shot N:M method: prune(w_oi, statistic_or_None, n, m) -> pruned w_oi, and the input
+    statistic it needs from calibration (None: the weights alone, no calibration data)."""
+
+    prune: Callable[[Tensor, Tensor | None, int, int], Tensor]
+    statistic: str | None
+    help: str
+
+
+# Every one-shot method; the CLI choices, the app's methods and the experiments read this table.
+ONE_SHOT = {
+    "magnitude": OneShotMethod(lambda w, _stat, n, m: prune_magnitude(w, n, m), None,
+                               "keep the largest |W| (no calibration)"),
+    "wanda": OneShotMethod(prune_wanda, "sq_norm", "keep the largest |W|·‖X‖ (input norms from calibration)"),
+    "sparsegpt": OneShotMethod(prune_sparsegpt, "gram",
+                               "second-order: prune with the layer Hessian XᵀX, update the kept weights"),
+}
+METHODS = tuple(ONE_SHOT)
 
 
 class _Stop(Exception):
@@ -233,73 +255,68 @@ def _run_block(block, hidden: Tensor, call: tuple) -> Tensor:
 def one_shot(model, method: str, n: int = 2, m: int = 4, blocks: Tensor | None = None,
              progress: Progress | None = None, should_stop: Callable[[], bool] | None = None,
              batch_size: int = 8) -> dict:
-    """Prune every targeted linear to N:M in place. Returns per-layer stats.
+    """Prune every targeted linear to N:M in place with a method of ONE_SHOT; per-layer stats.
 
-    wanda and sparsegpt need calibration token blocks. If should_stop() turns true the model is
-    left with the blocks processed so far pruned and the result says "stopped": true.
+    Calibrated methods need token blocks. If should_stop() turns true, Cancelled is raised and
+    the model is left with the blocks processed so far pruned.
     """
-    if method not in METHODS:
-        raise UserError(f"unknown one-shot method '{method}': use {', '.join(METHODS)}")
+    if method not in ONE_SHOT:
+        raise UserError(f"unknown one-shot method '{method}': use {', '.join(ONE_SHOT)}")
+    spec = ONE_SHOT[method]
     check_nm(n, m)
     check_widths(model, m)
+    if spec.statistic is not None and (blocks is None or len(blocks) == 0):
+        raise UserError(f"{method} needs calibration data")
     arch = arch_mod.for_model(model)
     names = {id(mod): name for name, mod in model.named_modules()}
     tblocks = arch.blocks(model)
-    report = {"method": method, "pattern": f"{n}:{m}", "layers": {}, "stopped": False}
+    report = {"method": method, "pattern": f"{n}:{m}", "layers": {}}
     was_training = model.training
     model.eval()
     try:
-        if method == "magnitude":
-            for i, block in enumerate(tblocks):
-                if should_stop and should_stop():
-                    report["stopped"] = True
-                    break
-                for mod in arch.linears(block).values():
-                    _replace(mod, prune_magnitude(weight_oi(mod), n, m), report, names[id(mod)])
-                _progress(progress, (i + 1) / len(tblocks), f"magnitude {n}:{m}: block {i + 1}/{len(tblocks)}")
-            return report
-        if blocks is None or len(blocks) == 0:
-            raise UserError(f"{method} needs calibration data")
-        device = next(model.parameters()).device
-        batches = [blocks[i:i + batch_size].to(device) for i in range(0, len(blocks), batch_size)]
-        hidden, calls = _block_inputs(model, arch, batches)
+        if spec.statistic is not None:
+            device = next(model.parameters()).device
+            batches = [blocks[i:i + batch_size].to(device) for i in range(0, len(blocks), batch_size)]
+            hidden, calls = _block_inputs(model, arch, batches)
         for i, block in enumerate(tblocks):
             if should_stop and should_stop():
-                report["stopped"] = True
-                break
+                raise Cancelled(f"{method} stopped after {i} of {len(tblocks)} blocks", report)
             linears = arch.linears(block)
-            stats = {name: _Stats(weight_oi(mod).shape[1], method, device) for name, mod in linears.items()}
-            handles = [mod.register_forward_hook(lambda _m, inp, _o, s=stats[name]: s.add(inp[0]))
-                       for name, mod in linears.items()]
-            try:
-                for h, call in zip(hidden, calls[i]):
-                    _run_block(block, h, call)
-            finally:
-                for h in handles:
-                    h.remove()
+            stats = dict.fromkeys(linears)
+            if spec.statistic is not None:
+                stats = _block_statistics(block, linears, hidden, calls[i], spec.statistic)
             for name, mod in linears.items():
-                w = weight_oi(mod)
-                st = stats[name].value()
-                new = prune_wanda(w, st, n, m) if method == "wanda" else prune_sparsegpt(w, st, n, m)
-                _replace(mod, new, report, names[id(mod)])
+                value = stats[name].value() if stats[name] is not None else None
+                _replace(mod, spec.prune(weight_oi(mod), value, n, m), report, names[id(mod)])
             del stats
-            # inputs of the next block come from this block already pruned
-            hidden = [_run_block(block, h, call) for h, call in zip(hidden, calls[i])]
-            _progress(progress, (i + 1) / len(tblocks), f"{method} {n}:{m}: block {i + 1}/{len(tblocks)}")
+            if spec.statistic is not None:  # inputs of the next block come from this block pruned
+                hidden = [_run_block(block, h, call) for h, call in zip(hidden, calls[i])]
+            if progress is not None:
+                progress((i + 1) / len(tblocks), f"{method} {n}:{m}: block {i + 1}/{len(tblocks)}")
         return report
     finally:
         model.train(was_training)
+
+
+def _block_statistics(block, linears: dict, hidden: list[Tensor], calls: list, statistic: str) -> dict:
+    """Each linear's input statistic over one block's calibration inputs."""
+    device = hidden[0].device
+    stats = {name: _Stats(weight_oi(mod).shape[1], statistic, device) for name, mod in linears.items()}
+    handles = [mod.register_forward_hook(lambda _m, inp, _o, s=stats[name]: s.add(inp[0]))
+               for name, mod in linears.items()]
+    try:
+        for h, call in zip(hidden, calls):
+            _run_block(block, h, call)
+    finally:
+        for h in handles:
+            h.remove()
+    return stats
 
 
 def _replace(mod: nn.Module, new_oi: Tensor, report: dict, name: str) -> None:
     w = weight_oi(mod)
     w.copy_(new_oi.to(w.dtype))
     report["layers"][name] = {"sparsity": float((w == 0).float().mean()), "shape": list(w.shape)}
-
-
-def _progress(progress, fraction: float, desc: str) -> None:
-    if progress is not None:
-        progress(fraction, desc=desc)
 
 
 @torch.no_grad()

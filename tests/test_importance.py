@@ -147,7 +147,7 @@ def test_save_and_load_round_trip(tmp_path, make_model, tokenizer):
     scores.meta["data"] = "builtin"
     path = scores.save(tmp_path / "s.safetensors")
     back = importance.Scores.load(path)
-    for name in importance.TENSOR_FIELDS[:-1]:
+    for name in (*importance.SCORE_FIELDS, "layers_bi"):
         assert torch.equal(getattr(back, name), getattr(scores, name))
     assert back.layers_ppl is None and back.meta == json.loads(json.dumps(scores.meta))
     assert back.meta["shape"]["hidden"] == 64 and back.meta["samples"] == 2 and back.meta["seq_len"] == SEQ

@@ -31,7 +31,7 @@ def fake_scores(model, seed: int = 0) -> importance.Scores:
     r = lambda *size: torch.rand(*size, generator=g) + 1
     per_layer = r(s.layers, s.hidden)
     return importance.Scores(r(s.layers, s.heads), r(s.layers, s.ffn), per_layer.sum(0) + r(s.hidden),
-                             per_layer, r(s.layers), r(s.layers),
+                             per_layer, {"bi": r(s.layers), "ppl": r(s.layers)},
                              {"family": arch_mod.for_model(model).family})
 
 
@@ -264,7 +264,7 @@ def _source(family="llama"):
 ])
 def test_bad_targets_are_user_errors(targets, message):
     model_free = importance.Scores(torch.ones(4, 4), torch.ones(4, 128), torch.ones(64),
-                                   torch.ones(4, 64), torch.ones(4), None, {"family": "llama"})
+                                   torch.ones(4, 64), {"bi": torch.ones(4)}, {"family": "llama"})
     with pytest.raises(UserError, match=message):
         prune.plan(model_free, _source(), **targets)
 
