@@ -10,9 +10,6 @@ The loop is compact.train's (run by compact.distill); AST is a set of TrainHooks
 - optionally SLoRB: a trainable S per linear on group sums of the input (compact.sparsity);
 - at the end the masked weights become exact zeros and the modules are plain again, so the
   checkpoint is an ordinary one (SLoRB's S goes to a side file that compact.models.load reads).
-
-The module is named after the method; it does not shadow the standard library's `ast` for
-code outside this package (absolute imports).
 """
 
 from __future__ import annotations
