@@ -25,7 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import device_name, write_json  # noqa: E402
-from compact import ast, data, distill, evaluate, models, sparsity  # noqa: E402
+from compact import data, distill, evaluate, models, sparse_training, sparsity  # noqa: E402
 from compact.arch import weight_oi  # noqa: E402
 
 
@@ -77,17 +77,18 @@ def main() -> int:
 
     # a short AST run with the masks held fixed (interval beyond the run), then recompute them
     student = models.load(args.model)
-    cfg = ast.AstConfig(model=args.model, out=tempfile.mkdtemp(prefix="ast-ties-"),
-                        tokens=args.steps * 2 * 256, seq_len=256, batch=2, mask_interval=10 ** 6,
-                        eval_tokens=0, checkpoint_every=0)
-    hooks = ast.AstHooks(cfg)
+    cfg = sparse_training.AstConfig(model=args.model, out=tempfile.mkdtemp(prefix="ast-ties-"),
+                                    tokens=args.steps * 2 * 256, seq_len=256, batch=2,
+                                    mask_interval=10 ** 6, eval_tokens=0, checkpoint_every=0)
+    hooks = sparse_training.AstHooks(cfg)
     trained: dict[str, torch.Tensor] = {}
 
     def keep_dense(event):  # the dense W after the last step, before finalize zeroes the pruned ones
         if event.get("kind") == "step" and event["step"] == event["steps"]:
             trained.update({k: weight_oi(m).detach().clone() for k, m in hooks.linears.items()})
 
-    distill.run(ast.distill_config(cfg), hooks=hooks, on_event=keep_dense, teacher=loaded, student=student)
+    distill.run(sparse_training.distill_config(cfg), hooks=hooks, on_event=keep_dense, teacher=loaded,
+                student=student)
     shutil.rmtree(cfg.out, ignore_errors=True)
     s_linears = sparsity.target_linears(student.model)
     rows = {"current masks": hooks.initial}

@@ -195,17 +195,17 @@ def _sparsify(p):
         before = evaluate.perplexity(loaded.model, val, a.batch)
         result = {"model": a.model, "method": a.method, "pattern": f"{n}:{m}", "out": a.out}
         if a.method == "ast":
-            from compact import ast
+            from compact import sparse_training
 
             # eval_tokens=0: the saved model is scored below, as for one-shot
-            cfg = ast.AstConfig(
+            cfg = sparse_training.AstConfig(
                 model=a.model, out=a.out, teacher=a.teacher, data=a.data, n=n, m=m, tokens=a.tokens,
                 seq_len=a.seq_len, batch=a.batch, lr=a.lr, mask_interval=a.mask_interval,
                 mask_margin=a.mask_margin, decay_alpha=a.decay_alpha, decay_t0=a.decay_t0,
                 slorb_k=a.slorb_k, resume=a.resume, device=a.device, dtype=a.dtype, eval_tokens=0)
             same = not a.teacher or a.teacher == a.model  # the dense model teaches: reuse it
-            trained = ast.run_ast(cfg, on_event=lambda e: progress(json.dumps(e, default=str)),
-                                  teacher=loaded if same else None)
+            trained = sparse_training.run_ast(
+                cfg, on_event=lambda e: progress(json.dumps(e, default=str)), teacher=loaded if same else None)
             result["training"] = trained
             if trained.get("status") == "cancelled":
                 return {**result, "status": "cancelled"}

@@ -222,7 +222,7 @@ def kd_vs_ce(cfg: ExperimentConfig, on_event=None, should_stop=None) -> dict:
 
 
 def sparse_methods(cfg: ExperimentConfig, on_event=None, should_stop=None, slorb_k: int = 16) -> dict:
-    from compact import ast, sparsity
+    from compact import sparse_training, sparsity
 
     dense = models.load(cfg.model, device=cfg.device)
     calib = _blocks(dense, cfg, "calibration", cfg.samples * cfg.seq_len)
@@ -245,10 +245,12 @@ def sparse_methods(cfg: ExperimentConfig, on_event=None, should_stop=None, slorb
         arm_dir = Path(cfg.out) / ("ast" if not k else "ast_slorb")
         with runs.track("experiment:sparse", cfg.model, {"method": label}, artifact=str(arm_dir),
                         session=cfg.session) as run:
-            acfg = ast.AstConfig(model=cfg.model, data=cfg.data, out=str(arm_dir), tokens=cfg.tokens,
-                                 seq_len=cfg.seq_len, batch=cfg.batch, lr=cfg.lr, eval_tokens=cfg.eval_tokens,
-                                 seed=cfg.seed, slorb_k=k, device=cfg.device)
-            result = ast.run_ast(acfg, on_event=on_event, should_stop=should_stop, teacher=dense)
+            acfg = sparse_training.AstConfig(
+                model=cfg.model, data=cfg.data, out=str(arm_dir), tokens=cfg.tokens, seq_len=cfg.seq_len,
+                batch=cfg.batch, lr=cfg.lr, eval_tokens=cfg.eval_tokens, seed=cfg.seed, slorb_k=k,
+                device=cfg.device)
+            result = sparse_training.run_ast(acfg, on_event=on_event, should_stop=should_stop,
+                                             teacher=dense)
             trained = models.load(str(arm_dir), device=cfg.device)
             row = {"method": label, "loss": evaluate.loss_on(trained.model, val),
                    "pattern_ok": sparsity.check_pattern(trained.model, 2, 4)["ok"],

@@ -87,15 +87,15 @@ def run(method: str, pattern: str, src: str, samples: int, seq_len: int, eval_to
         before = evaluate.perplexity(dense.model, val)
         result = {"model": state["ref"], "method": method, "pattern": f"{n}:{m}", "out": str(out)}
         if method == "ast":
-            from compact import ast
+            from compact import sparse_training
 
-            cfg = ast.AstConfig(model=state["ref"], out=str(out), data=src, n=n, m=m, tokens=tokens,
-                                seq_len=seq, batch=batch, lr=float(lr), mask_interval=mask_interval,
-                                mask_margin=float(mask_margin or 0),
-                                slorb_k=slorb_k, resume=bool(resume), eval_tokens=eval_tokens)
+            cfg = sparse_training.AstConfig(
+                model=state["ref"], out=str(out), data=src, n=n, m=m, tokens=tokens, seq_len=seq, batch=batch,
+                lr=float(lr), mask_interval=mask_interval, mask_margin=float(mask_margin or 0),
+                slorb_k=slorb_k, resume=bool(resume), eval_tokens=eval_tokens)
             student = st.CACHE.copy(state["ref"])  # trained in place
-            trained = ast.run_ast(cfg, on_event=job.event, should_stop=job.should_stop,
-                                  teacher=dense, student=student)
+            trained = sparse_training.run_ast(cfg, on_event=job.event, should_stop=job.should_stop,
+                                              teacher=dense, student=student)
             result["training"] = trained
             if trained.get("status") == "cancelled":
                 return {**result, "status": "cancelled"}

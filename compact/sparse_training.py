@@ -1,6 +1,6 @@
 """AST, Adaptive Sparse Training (arXiv 2407.20584): N:M sparse training by distillation.
 
-The training loop is compact.distill's; AST is a set of TrainHooks around it:
+The loop is compact.train's (run by compact.distill); AST is a set of TrainHooks around it:
 - the targeted linears compute with W~ = m * W; the backward is straight-through, so the dense W
   receives the gradient of W~ unchanged and pruned weights can grow back;
 - the boolean masks are recomputed from |W| every `mask_interval` optimizer steps; the flip rate
@@ -10,9 +10,6 @@ The training loop is compact.distill's; AST is a set of TrainHooks around it:
 - optionally SLoRB: a trainable S per linear on group sums of the input (compact.sparsity);
 - at the end the masked weights become exact zeros and the modules are plain again, so the
   checkpoint is an ordinary one (SLoRB's S goes to a side file that compact.models.load reads).
-
-The module is named after the method; it does not shadow the standard library's `ast` for
-code outside this package (absolute imports).
 """
 
 from __future__ import annotations
@@ -27,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
-from compact import distill, sparsity
+from compact import distill, sparsity, train
 from compact.arch import weight_oi
 from compact.errors import UserError
 
@@ -184,8 +181,8 @@ def _stored(mask_oi: Tensor, module: nn.Module) -> Tensor:
     return mask_oi.T.contiguous() if isinstance(module, Conv1D) else mask_oi
 
 
-class AstHooks(distill.TrainHooks):
-    """AST inside compact.distill's loop. State (masks, step) goes into its checkpoints."""
+class AstHooks(train.TrainHooks):
+    """AST inside compact.train's loop. State (masks, step) goes into its checkpoints."""
 
     name = "ast"
 
@@ -242,7 +239,7 @@ class AstHooks(distill.TrainHooks):
 
     def make_optimizer(self, params, cfg) -> "AstAdamW":
         masks = {mod.weight: mod.ast_mask for mod in self.linears.values()}
-        return AstAdamW(distill.param_groups(params, cfg), masks, lr=cfg.lr, betas=distill.BETAS)
+        return AstAdamW(train.param_groups(params, cfg), masks, lr=cfg.lr, betas=train.BETAS)
 
     def after_backward(self, step, student, optimizer) -> None:
         # lambda(t) travels in the param groups, so the optimizer's saved state carries it too

@@ -6,18 +6,18 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from compact import ast, distill, models, sparsity
+from compact import distill, models, sparse_training, sparsity
 from compact.arch import weight_oi
 from compact.errors import UserError
 from tests.conftest import run_cli
 
 
 def test_decay_schedule_hand_values():
-    assert [ast.decay_lambda(t, 0.5, 3) for t in range(6)] == [0.0, 0.5, 1.0, 1.5, 1.5, 1.5]
-    assert ast.decay_lambda(10, 2e-8, 3000) == pytest.approx(2e-7)
-    assert ast.decay_lambda(5000, 2e-8, 3000) == pytest.approx(6e-5)
+    assert [sparse_training.decay_lambda(t, 0.5, 3) for t in range(6)] == [0.0, 0.5, 1.0, 1.5, 1.5, 1.5]
+    assert sparse_training.decay_lambda(10, 2e-8, 3000) == pytest.approx(2e-7)
+    assert sparse_training.decay_lambda(5000, 2e-8, 3000) == pytest.approx(6e-5)
     # defaults: the paper's GPT-2 ramp to 1e-4 over the first quarter of the steps
-    cfg = ast.AstConfig(tokens=40 * 8 * 256)  # 40 steps of 8 x 256
+    cfg = sparse_training.AstConfig(tokens=40 * 8 * 256)  # 40 steps of 8 x 256
     assert cfg.decay() == (pytest.approx(1e-4 / 10), 10)
 
 
@@ -25,20 +25,20 @@ def test_straight_through_gradient():
     w = torch.tensor([[1.0, -2.0, 3.0, -4.0], [0.5, 0.25, -0.75, 2.0]], requires_grad=True)
     mask = torch.tensor([[0.0, 0.0, 1.0, 1.0], [1.0, 0.0, 0.0, 1.0]])
     c = torch.tensor([[10.0, 20.0, 30.0, 40.0], [1.0, 2.0, 3.0, 4.0]])
-    out = ast.MaskedWeight.apply(w, mask)
+    out = sparse_training.MaskedWeight.apply(w, mask)
     assert out.tolist() == [[0.0, 0.0, 3.0, -4.0], [0.5, 0.0, 0.0, 2.0]]
     (out * c).sum().backward()
     assert torch.equal(w.grad, c)  # pruned entries get the masked weight's gradient unchanged
     # through a linear layer: dL/dW = g^T x for every entry, masked or not
     x = torch.tensor([[1.0, 2.0, 3.0, 4.0]])
     w.grad = None
-    (x @ ast.MaskedWeight.apply(w, mask).T).sum().backward()
+    (x @ sparse_training.MaskedWeight.apply(w, mask).T).sum().backward()
     assert torch.equal(w.grad, x.expand(2, 4))
 
 
 def _prepared(make_model, family="llama", **cfg):
     model = make_model(family)
-    hooks = ast.AstHooks(ast.AstConfig(**cfg))
+    hooks = sparse_training.AstHooks(sparse_training.AstConfig(**cfg))
     hooks.prepare(model)
     return model, hooks
 
@@ -62,7 +62,7 @@ def test_ast_adamw_hand_values():
     grads = [[0.1, -0.2, 0.3, 0.4], [-0.3, 0.1, 0.2, -0.1]]
     lr, (b1, b2), eps = 0.1, (0.9, 0.95), 1e-8
     w = torch.nn.Parameter(torch.tensor([w0], dtype=torch.float64))
-    opt = ast.AstAdamW([{"params": [w]}], {w: keep}, lr=lr, betas=(b1, b2), eps=eps)
+    opt = sparse_training.AstAdamW([{"params": [w]}], {w: keep}, lr=lr, betas=(b1, b2), eps=eps)
     expect, m, v = list(w0), [0.0] * 4, [0.0] * 4
     for t, (lam, g) in enumerate(zip((0.5, 1.0), grads), start=1):
         w.grad = torch.tensor([g], dtype=torch.float64)
@@ -80,7 +80,7 @@ def test_ast_adamw_is_adamw_for_unmasked_params():
     torch.manual_seed(0)
     a = torch.nn.Parameter(torch.randn(3, 8))
     b = torch.nn.Parameter(a.detach().clone())
-    ours = ast.AstAdamW([{"params": [a], "weight_decay": 0.1}], {}, lr=1e-2, betas=(0.9, 0.95))
+    ours = sparse_training.AstAdamW([{"params": [a], "weight_decay": 0.1}], {}, lr=1e-2, betas=(0.9, 0.95))
     ref = torch.optim.AdamW([{"params": [b], "weight_decay": 0.1}], lr=1e-2, betas=(0.9, 0.95),
                             foreach=False)
     for _ in range(4):
@@ -151,17 +151,18 @@ def test_mask_margin_keeps_near_ties(make_model, margin, kept):
 
 def test_bad_settings(make_model):
     with pytest.raises(UserError):
-        ast.AstHooks(ast.AstConfig(n=3, m=2))
+        sparse_training.AstHooks(sparse_training.AstConfig(n=3, m=2))
     with pytest.raises(UserError, match="divisible"):
         _prepared(make_model, slorb_k=48)  # 64 % 48
     with pytest.raises(UserError, match="margin"):
-        ast.AstHooks(ast.AstConfig(mask_margin=-0.1))
+        sparse_training.AstHooks(sparse_training.AstConfig(mask_margin=-0.1))
 
 
 def test_fsdp_is_refused_before_loading(monkeypatch, tmp_path):
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what `accelerate launch` sets for FSDP
     with pytest.raises(UserError, match="FSDP"):
-        ast.run_ast(ast.AstConfig(model=str(tmp_path / "missing"), out=str(tmp_path / "out")))
+        sparse_training.run_ast(sparse_training.AstConfig(model=str(tmp_path / "missing"),
+                                                          out=str(tmp_path / "out")))
 
 
 @pytest.fixture(scope="module")
@@ -179,7 +180,7 @@ def _cfg(out, data, **kw):
                 lr=1e-3, warmup_steps=2, mask_interval=3, decay_alpha=1e-3, decay_t0=4, slorb_k=16,
                 checkpoint_every=0, eval_tokens=64, device="cpu")
     base.update(kw)
-    return ast.AstConfig(**base)
+    return sparse_training.AstConfig(**base)
 
 
 def _loaded(model, tokenizer):
@@ -189,8 +190,8 @@ def _loaded(model, tokenizer):
 
 
 def _run(cfg, teacher, student_model, tokenizer, should_stop=None):
-    hooks = ast.AstHooks(cfg)
-    result = distill.run(ast.distill_config(cfg), hooks=hooks, should_stop=should_stop,
+    hooks = sparse_training.AstHooks(cfg)
+    result = distill.run(sparse_training.distill_config(cfg), hooks=hooks, should_stop=should_stop,
                          teacher=teacher, student=_loaded(student_model, tokenizer))
     return hooks, result
 
