@@ -18,7 +18,8 @@ import torch
 from torch import nn
 
 from compact import data, losses, models, train
-from compact.errors import UserError
+from compact.errors import Cancelled, UserError
+from compact.options import option
 from compact.train import TrainHooks
 
 # Settings that change what training computes; a resumed run must match them.
@@ -28,65 +29,24 @@ TRAINING_KEYS = ("teacher", "student", "data", "tokens", "seq_len", "batch", "gr
 TOKENIZER_PROBE = "Distillation needs the same tokenizer: naïve café, 12345, <tags> and\ttabs.\n"
 
 
-@dataclass
-class DistillConfig:
-    teacher: str
-    student: str
-    data: str = "builtin"
-    out: str = ""
-    tokens: int = 65536  # training tokens (rounded down to whole optimizer steps)
-    seq_len: int = 256
-    batch: int = 8  # sequences per micro-batch and process
-    grad_accum: int = 1
-    lr: float = 1e-4
-    min_lr_ratio: float = 0.1  # cosine decay ends at lr * min_lr_ratio
-    warmup_steps: int = 10
-    weight_decay: float = 0.0
-    clip: float = 1.0  # max gradient norm; 0 turns clipping off
-    temperature: float = 1.0
-    kd_weight: float = 1.0  # forward KL(teacher || student) * T^2
-    ce_weight: float = 0.0  # next-token cross-entropy on the data
-    hidden_weight: float = 0.0  # intermediate-state MSE, scaled by the dynamic alpha
-    teacher_correction_steps: int = 0  # fine-tune the teacher on the data first (2408.11796)
-    checkpoint_every: int = 50  # optimizer steps between checkpoints; 0: only at cancel
-    eval_tokens: int = 8192  # validation tokens for the before/after loss
-    seed: int = 0
-    resume: bool = False
-    device: str | None = None
-    dtype: str | None = None  # compute dtype; the student's master weights stay fp32
-    chunk: int = losses.DEFAULT_CHUNK  # token positions per logit-loss chunk
-    trust_remote_code: bool = False
-    allow_pickle: bool = False
+@dataclass(kw_only=True)
+class DistillConfig(train.TrainingOptions):
+    teacher: str = option(help="teacher REF")
+    student: str = option(help="student REF (e.g. a pruned checkpoint)")
+    out: str = option("", "folder for the trained student and checkpoints")
+    hidden_weight: float = option(0.0, "intermediate-state loss weight (times the dynamic alpha)")
+    teacher_correction_steps: int = option(0, "fine-tune the teacher on the data first (2408.11796)")
 
     def check(self) -> None:
-        if self.tokens <= 0:
-            raise UserError("the token budget must be positive")
-        if self.seq_len < 2:
-            raise UserError("sequence length must be at least 2")
-        for name in ("batch", "grad_accum", "chunk"):
-            if getattr(self, name) < 1:
-                raise UserError(f"{name.replace('_', '-')} must be at least 1")
-        if not self.lr > 0:
-            raise UserError("the learning rate must be positive")
-        if not self.temperature > 0:
-            raise UserError("the temperature must be positive")
+        if not self.out:
+            raise UserError("distillation needs an output folder (--out)")
+        self.check_training()
         weights = (self.kd_weight, self.ce_weight, self.hidden_weight)
         if min(weights) < 0 or max(weights) == 0:
             raise UserError("loss weights must be >= 0 with at least one positive "
                             "(--kd-weight, --ce-weight, --hidden-weight)")
-        if self.teacher_correction_steps < 0 or self.checkpoint_every < 0 or self.eval_tokens < 0:
+        if self.teacher_correction_steps < 0:
             raise UserError("step and token counts must not be negative")
-        if not 0 <= self.min_lr_ratio <= 1:
-            raise UserError("min-lr-ratio must be between 0 and 1")
-        if not self.out:
-            raise UserError("distillation needs an output folder (--out)")
-        if self.device:
-            try:
-                dev = torch.device(self.device)
-            except RuntimeError:
-                raise UserError(f"unknown device '{self.device}'") from None
-            if dev.type == "cuda" and not torch.cuda.is_available():
-                raise UserError("--device cuda was asked for but no CUDA GPU is available")
 
     def training_settings(self) -> dict:
         return {k: getattr(self, k) for k in TRAINING_KEYS}
@@ -287,19 +247,21 @@ LOSS_KEYS = ("loss", "kd", "ce", "hidden")  # DistillModule's outputs, averaged 
 
 
 def run(cfg: DistillConfig, hooks: TrainHooks | None = None, on_event=None, should_stop=None,
-        teacher: models.Loaded | None = None, student: models.Loaded | None = None) -> dict:
+        teacher: models.Loaded | None = None, student: models.Loaded | None = None,
+        progress=None) -> dict:
     """Distill cfg.student toward cfg.teacher; see the module docstring.
 
     teacher/student: already-loaded models to use instead of loading the refs. The student is
     trained in place (pass a copy to keep the original); the teacher is never changed.
-    on_event(dict) gets one event per optimizer step and a final one with kind "done" (main
-    process only). should_stop() is asked after every step: when true, a checkpoint is saved and
-    the run returns with status "cancelled" (resume it with cfg.resume=True).
+    on_event(dict) gets one event per optimizer step and a final one with kind "done", and
+    progress(fraction, message) a line per step (main process only). should_stop() is asked
+    after every step: when true, a checkpoint is saved and Cancelled is raised with the result
+    (status "cancelled"; resume it with cfg.resume=True).
     """
     hooks = hooks or TrainHooks()
     cfg.check()
     loop = train.start(cfg, hooks)
-    emit = on_event if (on_event and loop.main) else (lambda e: None)
+    emit = train.relay(on_event, progress) if loop.main else (lambda e: None)
     teacher, student = _load(cfg, loop, teacher, student)
     blocks, val = _data(cfg, loop, teacher)
     train.open_folder(loop)
@@ -324,6 +286,9 @@ def run(cfg: DistillConfig, hooks: TrainHooks | None = None, on_event=None, shou
     result = _finish(cfg, loop, student, val)
     train.close(loop, original_dtype)
     emit({"kind": "done", **result})
+    if result["status"] == "cancelled":
+        raise Cancelled(f"stopped after step {result['steps']}; a checkpoint is saved (--resume continues)",
+                        result)
     return result
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from compact import data, evaluate, models, runs
-from compact.errors import UserError
+from compact.errors import Cancelled, UserError
 from compact.options import option
 from compact.shapes import Shape, shape_error, valid_values
 
@@ -114,6 +114,11 @@ def _distill(cfg: ExperimentConfig, teacher, student_model, out: Path, kd: float
     return distill.run(dcfg, on_event=on_event, should_stop=should_stop, teacher=teacher, student=student)
 
 
+def _stop_point(should_stop) -> None:
+    if should_stop is not None and should_stop():
+        raise Cancelled("experiment stopped between arms")
+
+
 def _write(out: Path, name: str, rows: list[dict], columns: list[str], extra: dict) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     result = {"experiment": name, **extra, "rows": rows}
@@ -144,8 +149,7 @@ def axis_ablation(cfg: ExperimentConfig, on_event=None, should_stop=None, arms=N
     rows = [{"arm": "original", **_shape_cols(base), "loss_before": evaluate.loss_on(teacher.model, val),
              "loss_after": None}]
     for arm, axes in (arms or AXIS_ARMS).items():
-        if should_stop and should_stop():
-            break
+        _stop_point(should_stop)
         try:
             targets = solve_targets(base, axes, budget)
         except UserError as e:  # e.g. attention alone is too small a share to cut that much
@@ -164,21 +168,21 @@ def axis_ablation(cfg: ExperimentConfig, on_event=None, should_stop=None, arms=N
             run.metrics, run.shape, run.params = row, shape.to_dict(), shape.params
         rows.append(row)
     # The same shape as the all-width arm, from random initialization, same budget.
-    if not (should_stop and should_stop()):
-        targets = solve_targets(base, AXIS_ARMS["width (all)"], budget)
-        torch.manual_seed(cfg.seed)
-        random_model = prune.trim(copy.deepcopy(teacher.model), scores, **targets)
-        random_model.apply(random_model._init_weights)
-        shape = teacher.arch.shape(random_model.config)
-        arm_dir = out / "random_init"
-        with runs.track("experiment:axis", cfg.model, {"arm": "random init", **targets},
-                        artifact=str(arm_dir), session=cfg.session) as run:
-            before = evaluate.loss_on(random_model, val)
-            trained = _distill(cfg, teacher, random_model, arm_dir, on_event=on_event, should_stop=should_stop)
-            row = {"arm": "random init (width shape)", **_shape_cols(shape), "loss_before": before,
-                   "loss_after": evaluate.loss_on(random_model, val), "tokens": trained.get("tokens")}
-            run.metrics, run.shape, run.params = row, shape.to_dict(), shape.params
-        rows.append(row)
+    _stop_point(should_stop)
+    targets = solve_targets(base, AXIS_ARMS["width (all)"], budget)
+    torch.manual_seed(cfg.seed)
+    random_model = prune.trim(copy.deepcopy(teacher.model), scores, **targets)
+    random_model.apply(random_model._init_weights)
+    shape = teacher.arch.shape(random_model.config)
+    arm_dir = out / "random_init"
+    with runs.track("experiment:axis", cfg.model, {"arm": "random init", **targets},
+                    artifact=str(arm_dir), session=cfg.session) as run:
+        before = evaluate.loss_on(random_model, val)
+        trained = _distill(cfg, teacher, random_model, arm_dir, on_event=on_event, should_stop=should_stop)
+        row = {"arm": "random init (width shape)", **_shape_cols(shape), "loss_before": before,
+               "loss_after": evaluate.loss_on(random_model, val), "tokens": trained.get("tokens")}
+        run.metrics, run.shape, run.params = row, shape.to_dict(), shape.params
+    rows.append(row)
     columns = ["arm", "layers", "hidden", "ffn", "heads", "params", "loss_before", "loss_after", "tokens",
                "note"]
     return _write(out, "Axis ablation (Minitron Table 1)", rows, columns,
@@ -203,8 +207,7 @@ def kd_vs_ce(cfg: ExperimentConfig, on_event=None, should_stop=None) -> dict:
     before = evaluate.loss_on(pruned, val)
     rows = []
     for arm, kd, ce in (("logit distillation (KL)", 1.0, 0.0), ("cross-entropy only", 0.0, 1.0)):
-        if should_stop and should_stop():
-            break
+        _stop_point(should_stop)
         arm_dir = Path(cfg.out) / ("kd" if kd else "ce")
         student = copy.deepcopy(pruned)
         with runs.track("experiment:kd-vs-ce", cfg.model, {"arm": arm, **targets},
@@ -229,8 +232,7 @@ def sparse_methods(cfg: ExperimentConfig, on_event=None, should_stop=None, slorb
     val = _blocks(dense, cfg, "validation", cfg.eval_tokens)
     rows = [{"method": "dense", "loss": evaluate.loss_on(dense.model, val), "pattern_ok": None}]
     for method in sparsity.ONE_SHOT:
-        if should_stop and should_stop():
-            break
+        _stop_point(should_stop)
         with runs.track("experiment:sparse", cfg.model, {"method": method}, session=cfg.session) as run:
             model = copy.deepcopy(dense.model)
             sparsity.one_shot(model, method, 2, 4, blocks=calib)
@@ -240,8 +242,7 @@ def sparse_methods(cfg: ExperimentConfig, on_event=None, should_stop=None, slorb
         rows.append(row)
         del model
     for label, k in (("AST", 0), (f"AST + SLoRB (k={slorb_k})", slorb_k)):
-        if should_stop and should_stop():
-            break
+        _stop_point(should_stop)
         arm_dir = Path(cfg.out) / ("ast" if not k else "ast_slorb")
         with runs.track("experiment:sparse", cfg.model, {"method": label}, artifact=str(arm_dir),
                         session=cfg.session) as run:
@@ -269,4 +270,6 @@ def run(cfg: ExperimentConfig, progress=None, should_stop=None, on_event=None) -
     cfg.check()
     if cfg.name not in EXPERIMENTS:
         raise UserError(f"unknown experiment '{cfg.name}': use {', '.join(EXPERIMENTS)}")
-    return EXPERIMENTS[cfg.name](cfg, on_event=on_event, should_stop=should_stop)
+    from compact.train import relay
+
+    return EXPERIMENTS[cfg.name](cfg, on_event=relay(on_event, progress), should_stop=should_stop)

@@ -1,8 +1,9 @@
 """Each option declared once: a config dataclass field holds its default, help and choices.
 
 From one config class come the command's flags (`add_arguments`), the config back from parsed
-flags (`from_args`) and the `python -m compact ...` line that reproduces it (`command_line`);
-parsing that line gives an equal config back (tests/test_options.py checks it for every job).
+flags (`from_args`) and the flags that reproduce a config (`to_argv`; compact.jobs.command_line
+makes the whole `python -m compact ...` line). Parsing that line gives an equal config back
+(tests/test_options.py checks it for every job).
 The app takes its widget defaults from the same fields (`default`).
 
 A field is an option when declared with `option(...)`; plain fields (no metadata) are internal
@@ -13,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import shlex
 import typing
 from dataclasses import MISSING, dataclass, field, fields
 
@@ -66,7 +66,11 @@ def _base_type(cls, f: dataclasses.Field) -> type:
 
 
 def add_arguments(parser: argparse.ArgumentParser, cls) -> None:
-    for f in options(cls):
+    # The job's own fields first in --help, then the shared groups it inherits.
+    mro = [c for c in cls.__mro__ if dataclasses.is_dataclass(c)]
+    owner = {f.name: next(i for i, c in enumerate(mro) if f.name in c.__dict__.get("__annotations__", {}))
+             for f in options(cls)}
+    for f in sorted(options(cls), key=lambda f: owner[f.name]):
         meta, kind = f.metadata, _base_type(cls, f)
         required = f.default is MISSING
         kw: dict = {"help": meta["help"] or None}
@@ -109,12 +113,3 @@ def to_argv(cfg) -> list[str]:
     if lost:
         raise ValueError(f"{type(cfg).__name__} fields {lost} have no flag and differ from their defaults")
     return argv
-
-
-def command_line(cfg, command: str | None = None, program: str = "python -m compact") -> str:
-    """`python -m compact <command> ...` for cfg; the command comes from compact.jobs."""
-    if command is None:
-        from compact.jobs import command_of
-
-        command = command_of(cfg)
-    return " ".join([program, command, shlex.join(to_argv(cfg))]).strip()

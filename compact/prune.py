@@ -355,6 +355,7 @@ class PruneConfig(TargetOptions, LoadOptions):
     samples: int = option(64, "calibration blocks")
     drop_layers: str | None = option(None, "explicit layers to drop, e.g. 3,5")
     head_residual: bool = option(False, "fold pruned heads into kept ones (paper's head residual; off by default)")
+    eval_tokens: int = option(0, "validation tokens of --data scored before and after (0: none)")
 
     def targets(self) -> dict:
         return dict(layers=self.layers, hidden=self.hidden, ffn=self.ffn, heads=self.heads,
@@ -362,8 +363,9 @@ class PruneConfig(TargetOptions, LoadOptions):
 
 
 def run(cfg: PruneConfig, progress: Progress | None = None, should_stop: StopCheck | None = None,
-        loaded=None, scores: Scores | None = None) -> dict:
-    """The prune job: check the targets, get scores if the target needs them, trim and save."""
+        loaded=None, scores: Scores | None = None, before: dict | None = None) -> dict:
+    """The prune job: check the targets, get scores if the target needs them, trim and save;
+    with cfg.eval_tokens, validation perplexity before (unless given) and after."""
     from compact import models
 
     loaded = loaded or models.load(cfg.model, **cfg.load_kwargs())
@@ -380,4 +382,25 @@ def run(cfg: PruneConfig, progress: Progress | None = None, should_stop: StopChe
         progress(0.95, "trimming")
     summary = prune_and_save(loaded, scores, cfg.out, head_residual=cfg.head_residual,
                              depth_metric=cfg.depth_metric, **targets)
-    return {"model": cfg.model, **summary}
+    result = {"model": cfg.model, **summary}
+    if cfg.eval_tokens:
+        result.update(_before_after(cfg, loaded, before, progress))
+    return result
+
+
+def _before_after(cfg: PruneConfig, loaded, before: dict | None, progress) -> dict:
+    from compact import data, evaluate, models
+
+    pruned = models.load(cfg.out, **{**cfg.load_kwargs(), "device": str(loaded.device)}).model
+    seq = min(cfg.seq_len, evaluate.context_length(pruned))
+    val = data.blocks(cfg.data, loaded.tokenizer, "validation", data.n_blocks_for(cfg.eval_tokens, seq), seq,
+                      model=loaded.model)
+    if before is None:
+        if progress is not None:
+            progress(0.5, "validation perplexity of the original")
+        before = evaluate.perplexity(loaded.model, val, cfg.batch)
+    if progress is not None:
+        progress(0.75, "validation perplexity of the pruned model")
+    after = evaluate.perplexity(pruned, val, cfg.batch)
+    return {"ppl_before": before["ppl"], "ppl_after": after["ppl"], "eval_tokens": after["tokens"],
+            "before": before}

@@ -15,7 +15,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from compact.errors import UserError
+from compact.errors import Cancelled, UserError
 from compact.paths import home
 
 STATUSES = ("running", "succeeded", "failed", "cancelled", "crashed")
@@ -153,7 +153,6 @@ class Run:
         self.shape: dict | None = None
         self.params: int | None = None
         self.artifact: str | None = None
-        self.cancelled = False
 
 
 @contextmanager
@@ -175,6 +174,10 @@ def track(kind: str, base_model: str | None, inputs: dict | None = None, artifac
     except UserError:
         store.delete(run.id)
         raise
+    except Cancelled as stop:
+        metrics = run.metrics or (stop.result if isinstance(stop.result, dict) else {})
+        store.finish(run.id, "cancelled", metrics, run.shape, run.params, None, run.artifact)
+        raise
     except (KeyboardInterrupt, SystemExit):
         store.finish(run.id, "cancelled", run.metrics, run.shape, run.params, "interrupted", run.artifact)
         raise
@@ -183,8 +186,7 @@ def track(kind: str, base_model: str | None, inputs: dict | None = None, artifac
                      f"{type(e).__name__}: {e}"[:2000], run.artifact)
         raise
     else:
-        status = "cancelled" if run.cancelled else "succeeded"
-        store.finish(run.id, status, run.metrics, run.shape, run.params, None, run.artifact)
+        store.finish(run.id, "succeeded", run.metrics, run.shape, run.params, None, run.artifact)
 
 
 # Where each job kind leaves its validation perplexity in the recorded metrics, best first.

@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import os
 import types
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +26,8 @@ from transformers.pytorch_utils import Conv1D
 
 from compact import distill, sparsity, train
 from compact.arch import weight_oi
-from compact.errors import UserError
+from compact.errors import Cancelled, UserError
+from compact.options import option
 
 # When --decay-alpha is not given: the paper's GPT-2 run, a linear ramp to 1e-4 over the first
 # quarter of training (10k of 40k steps).
@@ -34,36 +35,31 @@ DEFAULT_DECAY_MAX = 1e-4
 DEFAULT_DECAY_RAMP = 0.25
 
 
-@dataclass
-class AstConfig:
-    model: str = "default"          # the dense model to sparsify (the student starts from it)
-    out: str = ""
-    teacher: str | None = None      # default: the same dense model
-    data: str = "builtin"
-    n: int = 2
-    m: int = 4
-    tokens: int = 65536
-    seq_len: int = 256
-    batch: int = 8
-    grad_accum: int = 1
-    lr: float = 1e-4
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 10
-    clip: float = 1.0
-    temperature: float = 2.0        # the paper: KL at tau = 2 mixed with CE (GPT-2: 0.67 / 0.33)
-    kd_weight: float = 0.67
-    ce_weight: float = 0.33
-    mask_interval: int = 10         # recompute masks every this many optimizer steps
-    mask_margin: float = 0.0        # a pruned weight must beat a kept one by this fraction to swap
-    decay_alpha: float | None = None  # lambda(t) = alpha * min(t, t0); None: see DEFAULT_DECAY_*
-    decay_t0: int | None = None
-    slorb_k: int = 0                # SLoRB block size; 0 = off
-    checkpoint_every: int = 50
-    eval_tokens: int = 8192
-    seed: int = 0
-    resume: bool = False
-    device: str | None = None
-    dtype: str | None = None
+@dataclass(kw_only=True)
+class AstConfig(train.TrainingOptions):
+    model: str = option("default", "the dense model to sparsify (the student starts from it)")
+    out: str = option("", "folder for the sparse checkpoint")
+    teacher: str | None = option(None, "AST teacher (default: the dense --model)")
+    pattern: str = option("2:4", "N:M, N kept in every M input columns")
+    # The paper: KL at tau = 2 mixed with CE (GPT-2: 0.67 / 0.33).
+    temperature: float = option(2.0, "distillation temperature")
+    kd_weight: float = option(0.67, "KL(teacher||student) weight (times T^2)")
+    ce_weight: float = option(0.33, "cross-entropy weight")
+    mask_interval: int = option(10, "AST: steps between mask updates")
+    mask_margin: float = option(0.0, "AST: a pruned weight must exceed a kept one by this fraction to "
+                                     "take its place (0 = plain magnitude, the paper)")
+    decay_alpha: float | None = option(None, "AST: decay slope per step (default: ramp to 1e-4 over "
+                                             "the first quarter)")
+    decay_t0: int | None = option(None, "AST: step where the decay stops growing")
+    slorb_k: int = option(0, "AST: SLoRB block size (0 = off)")
+
+    @property
+    def n(self) -> int:
+        return sparsity.parse_pattern(self.pattern)[0]
+
+    @property
+    def m(self) -> int:
+        return sparsity.parse_pattern(self.pattern)[1]
 
     def total_steps(self) -> int:
         return max(1, self.tokens // (self.seq_len * self.batch * self.grad_accum))
@@ -76,7 +72,7 @@ class AstConfig:
         return float(alpha), int(t0)
 
     def check(self) -> None:
-        sparsity.check_nm(self.n, self.m)
+        sparsity.parse_pattern(self.pattern)
         if self.mask_interval < 1:
             raise UserError("the mask interval must be at least 1 step")
         if self.mask_margin < 0:
@@ -304,20 +300,18 @@ class AstHooks(train.TrainHooks):
         return meta
 
 
-def distill_config(cfg: AstConfig) -> "distill.DistillConfig":
-    names = {f.name for f in fields(distill.DistillConfig)}
-    shared = {k: getattr(cfg, k) for k in (
-        "data", "out", "tokens", "seq_len", "batch", "grad_accum", "lr", "min_lr_ratio", "warmup_steps",
-        "clip", "temperature", "kd_weight", "ce_weight", "checkpoint_every", "eval_tokens", "seed",
-        "resume", "device", "dtype") if k in names}
-    return distill.DistillConfig(teacher=cfg.teacher or cfg.model, student=cfg.model, **shared)
+def distill_config(cfg: AstConfig) -> distill.DistillConfig:
+    return distill.DistillConfig(teacher=cfg.teacher or cfg.model, student=cfg.model, out=cfg.out,
+                                 **cfg.training_options())
 
 
-def run_ast(cfg: AstConfig, on_event=None, should_stop=None, teacher=None, student=None) -> dict:
+def run_ast(cfg: AstConfig, on_event=None, should_stop=None, teacher=None, student=None,
+            progress=None) -> dict:
     """Sparsify cfg.model to N:M by AST; returns distill.run's result plus sparsity and flips.
 
     teacher, student: already-loaded compact.models.Loaded to use instead of loading the refs
-    (the student is trained in place). Cancel with should_stop(); resume with cfg.resume.
+    (the student is trained in place). Cancel with should_stop() (raises Cancelled with the
+    result); resume with cfg.resume.
     """
     cfg.check()
     if not cfg.out:
@@ -327,14 +321,17 @@ def run_ast(cfg: AstConfig, on_event=None, should_stop=None, teacher=None, stude
         raise UserError("AST cannot run under FSDP (its masks need whole weights): use one GPU or "
                         "DDP (configs/accelerate_ddp.yaml)")
     hooks = AstHooks(cfg)
-    result = distill.run(distill_config(cfg), hooks=hooks, on_event=on_event, should_stop=should_stop,
-                         teacher=teacher, student=student)
-    result = dict(result)
-    if result.get("status") == "cancelled":
+
+    def with_ast(result: dict) -> dict:
+        result = {**result, "ast": {**hooks.settings(), **hooks.last}}
+        if hooks.slorb:
+            result["slorb"] = hooks.slorb
+        return result
+
+    try:
+        result = distill.run(distill_config(cfg), hooks=hooks, on_event=on_event, should_stop=should_stop,
+                             teacher=teacher, student=student, progress=progress)
+    except Cancelled as stop:
         hooks.release()  # an in-memory student is left as it was loaded, weights as trained
-    else:
-        result["sparsity"] = hooks.summary
-    result["ast"] = {**hooks.settings(), **hooks.last}
-    if hooks.slorb:
-        result["slorb"] = hooks.slorb
-    return result
+        raise Cancelled(str(stop), with_ast(stop.result)) from None
+    return with_ast({**result, "sparsity": hooks.summary})

@@ -29,15 +29,69 @@ import os
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from compact import models
+from compact import losses, models
 from compact.errors import UserError
+from compact.options import LoadOptions, option
+
+
+@dataclass(kw_only=True)
+class TrainingOptions(LoadOptions):
+    """What every training run takes (distillation and AST): data, budget, optimizer, loss mix."""
+
+    data: str = option("builtin", "training/validation text (SRC)")
+    tokens: int = option(65536, "training tokens (rounded down to whole optimizer steps)")
+    seq_len: int = option(256, "tokens per sequence")
+    batch: int = option(8, "sequences per micro-batch and process")
+    grad_accum: int = option(1, "micro-batches per optimizer step")
+    lr: float = option(1e-4, "peak learning rate")
+    min_lr_ratio: float = option(0.1, "cosine decay ends at lr x this")
+    warmup_steps: int = option(10, "linear warm-up steps")
+    weight_decay: float = option(0.0, "AdamW weight decay")
+    clip: float = option(1.0, "max gradient norm (0: off)")
+    temperature: float = option(1.0, "distillation temperature")
+    kd_weight: float = option(1.0, "KL(teacher||student) weight (times T^2)")
+    ce_weight: float = option(0.0, "cross-entropy weight")
+    checkpoint_every: int = option(50, "optimizer steps between checkpoints (0: only at cancel)")
+    eval_tokens: int = option(8192, "validation tokens for the before/after loss")
+    seed: int = option(0, "seed of the data order and of every step")
+    chunk: int = option(losses.DEFAULT_CHUNK, "token positions per logit-loss chunk (memory bound)")
+    resume: bool = option(False, "continue the run in --out exactly")
+
+    def check_training(self) -> None:
+        if self.tokens <= 0:
+            raise UserError("the token budget must be positive")
+        if self.seq_len < 2:
+            raise UserError("sequence length must be at least 2")
+        for name in ("batch", "grad_accum", "chunk"):
+            if getattr(self, name) < 1:
+                raise UserError(f"{name.replace('_', '-')} must be at least 1")
+        if not self.lr > 0:
+            raise UserError("the learning rate must be positive")
+        if not self.temperature > 0:
+            raise UserError("the temperature must be positive")
+        if self.checkpoint_every < 0 or self.eval_tokens < 0:
+            raise UserError("step and token counts must not be negative")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise UserError("min-lr-ratio must be between 0 and 1")
+        if not self.out:
+            raise UserError("training needs an output folder (--out)")
+        if self.device:
+            try:
+                dev = torch.device(self.device)
+            except RuntimeError:
+                raise UserError(f"unknown device '{self.device}'") from None
+            if dev.type == "cuda" and not torch.cuda.is_available():
+                raise UserError("--device cuda was asked for but no CUDA GPU is available")
+
+    def training_options(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(TrainingOptions)}
 
 if TYPE_CHECKING:
     from compact.distill import DistillConfig
@@ -427,3 +481,46 @@ def close(loop: Loop, dtype: torch.dtype) -> None:
     if dtype != torch.float32:
         loop.model.to(dtype)
     loop.accelerator.free_memory()
+
+
+# -- progress lines ------------------------------------------------------------------------------
+
+def _duration(seconds) -> str:
+    if seconds is None:
+        return "?"
+    m, s = divmod(int(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+def describe(event: dict) -> str | None:
+    """One line of text for a training event (None for events that need none)."""
+    kind = event.get("kind")
+    if kind == "step":
+        parts = [f"step {event['step']}/{event['steps']}", f"tokens {event['tokens']:,}",
+                 f"loss {event['loss']:.4f}"]
+        parts += [f"{k} {event[k]:.4f}" for k in ("kd", "ce", "hidden") if event.get(k)]
+        parts += [f"lr {event['lr']:.2e}", f"{event['tokens_per_s']:,.0f} tok/s",
+                  f"eta {_duration(event.get('eta_s'))}"]
+        return "  ".join(parts)
+    if kind == "teacher_correction":
+        return f"teacher correction {event['step']}/{event['steps']}  ce {event['ce']:.4f}"
+    if kind == "start":
+        before = event.get("val_ppl_before")
+        return (f"{event['steps']} steps, {event['total_tokens']:,} tokens"
+                + (f"; validation ppl before {before:.2f}" if before else "")
+                + (f"; resuming at step {event['start_step']}" if event.get("start_step") else ""))
+    return None
+
+
+def relay(on_event=None, progress=None) -> Callable[[dict], None]:
+    """One event sink: events to on_event as they are, steps to progress(fraction, message)."""
+
+    def emit(event: dict) -> None:
+        if on_event is not None:
+            on_event(event)
+        if progress is not None and event.get("kind") in ("step", "start", "teacher_correction"):
+            fraction = event["step"] / event["steps"] if event.get("kind") != "start" else 0.0
+            progress(fraction, describe(event))
+
+    return emit

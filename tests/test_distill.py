@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 from compact import distill, losses, models
 from compact.arch import for_model
+from compact.errors import Cancelled
 from tests.conftest import FAMILIES, run_cli
 
 
@@ -144,9 +145,13 @@ def pair(make_model, tokenizer, text_file):
 
 
 def _run(cfg, pair, tokenizer, **kw):
+    """distill.run's result; a stopped run raises Cancelled carrying it (status "cancelled")."""
     teacher, student, _ = pair
-    return distill.run(cfg, teacher=_loaded(teacher, tokenizer, "tiny-teacher"),
-                       student=_loaded(copy.deepcopy(student), tokenizer, "tiny-student"), **kw)
+    try:
+        return distill.run(cfg, teacher=_loaded(teacher, tokenizer, "tiny-teacher"),
+                           student=_loaded(copy.deepcopy(student), tokenizer, "tiny-student"), **kw)
+    except Cancelled as stop:
+        return stop.result
 
 
 def _weights(folder):

@@ -5,7 +5,7 @@ import sys
 import pytest
 
 from compact import runs
-from compact.errors import UserError
+from compact.errors import Cancelled, UserError
 from tests.conftest import ROOT, run_cli
 
 
@@ -19,8 +19,8 @@ def test_store_records_and_survives_reopen(tmp_path):
     with pytest.raises(RuntimeError):
         with runs.track("distill", "default", store=store):
             raise RuntimeError("out of memory")
-    with runs.track("distill", "other", store=store) as run:
-        run.cancelled = True
+    with pytest.raises(Cancelled), runs.track("distill", "other", store=store):
+        raise Cancelled("stopped", {"steps": 2})
     reopened = runs.RunStore(db)
     rows = {r["id"]: r for r in reopened.list()}
     assert [r["status"] for r in sorted(rows.values(), key=lambda r: r["id"])] == ["succeeded", "failed", "cancelled"]

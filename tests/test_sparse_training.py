@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM
 
 from compact import distill, models, sparse_training, sparsity
 from compact.arch import weight_oi
-from compact.errors import UserError
+from compact.errors import Cancelled, UserError
 from tests.conftest import run_cli
 
 
@@ -151,7 +151,7 @@ def test_mask_margin_keeps_near_ties(make_model, margin, kept):
 
 def test_bad_settings(make_model):
     with pytest.raises(UserError):
-        sparse_training.AstHooks(sparse_training.AstConfig(n=3, m=2))
+        sparse_training.AstHooks(sparse_training.AstConfig(pattern="3:2"))
     with pytest.raises(UserError, match="divisible"):
         _prepared(make_model, slorb_k=48)  # 64 % 48
     with pytest.raises(UserError, match="margin"):
@@ -191,8 +191,11 @@ def _loaded(model, tokenizer):
 
 def _run(cfg, teacher, student_model, tokenizer, should_stop=None):
     hooks = sparse_training.AstHooks(cfg)
-    result = distill.run(sparse_training.distill_config(cfg), hooks=hooks, should_stop=should_stop,
-                         teacher=teacher, student=_loaded(student_model, tokenizer))
+    try:
+        result = distill.run(sparse_training.distill_config(cfg), hooks=hooks, should_stop=should_stop,
+                             teacher=teacher, student=_loaded(student_model, tokenizer))
+    except Cancelled as stop:  # a stopped run raises, carrying its result (status "cancelled")
+        result = stop.result
     return hooks, result
 
 

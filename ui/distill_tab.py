@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
-import shlex
+import dataclasses
+import functools
 from pathlib import Path
 
 import gradio as gr
 
 from compact import distill
+from compact.distill import DistillConfig
+from compact.jobs import command_line
+from compact.options import default
 from ui import jobs, plots
 from ui import state as st
 from ui.common import (DATA_CHOICES, HEAVY, Ctx, current_ref, gpu, job_buttons, model_choices, take_upload,
@@ -16,17 +20,6 @@ from ui.common import (DATA_CHOICES, HEAVY, Ctx, current_ref, gpu, job_buttons, 
 
 def loss_plot(events: list[dict]):
     return plots.curves(events, "tokens", ["loss", "kd", "ce", "hidden"], "Distillation loss", "loss")
-
-
-def command(cfg: distill.DistillConfig) -> str:
-    parts = ["python", "-m", "compact", "distill", "--teacher", cfg.teacher, "--student", cfg.student,
-             "--data", cfg.data, "--out", cfg.out, "--tokens", str(cfg.tokens), "--seq-len", str(cfg.seq_len),
-             "--batch", str(cfg.batch), "--lr", str(cfg.lr), "--temperature", str(cfg.temperature),
-             "--kd-weight", str(cfg.kd_weight), "--ce-weight", str(cfg.ce_weight),
-             "--hidden-weight", str(cfg.hidden_weight), "--eval-tokens", str(cfg.eval_tokens)]
-    if cfg.resume:
-        parts.append("--resume")
-    return shlex.join(parts)
 
 
 def status_line(e: dict) -> str:
@@ -52,7 +45,7 @@ def run(teacher: str, student: str, src: str, tokens: int, seq_len: int, batch: 
     if resume and previous is None:
         raise gr.Error("nothing to resume: this session has no cancelled distillation of that student")
     out = Path(previous.path) if resume else st.next_output(sid, "distilled")
-    cfg = distill.DistillConfig(teacher=teacher, student=student, data=src, out=str(out), tokens=int(tokens),
+    cfg = DistillConfig(teacher=teacher, student=student, data=src, out=str(out), tokens=int(tokens),
                                 seq_len=int(seq_len), batch=int(batch), lr=float(lr),
                                 temperature=float(temperature), kd_weight=float(kd_weight),
                                 ce_weight=float(ce_weight), hidden_weight=float(hidden_weight),
@@ -69,11 +62,12 @@ def run(teacher: str, student: str, src: str, tokens: int, seq_len: int, batch: 
             job.record.metrics = {k: result.get(k) for k in ("loss", "val_ppl_before", "val_ppl_after")}
         return result
 
-    cmd = command(cfg)
+    # A resumed run is reproduced by the run it continues: the command never says --resume.
+    cmd = command_line(dataclasses.replace(cfg, resume=False))
     # Recorded before training ends, so that a cancelled run can be resumed from this session.
     st.add_output(state, st.Output("distilled", str(out), cmd, teacher, {"student": student,
                                                                            "status": "running"}))
-    result = None
+    result, cancelled = None, False
     for what, payload in jobs.run(work, sid, "distill", base_model=student,
                                   inputs=cfg.training_settings(), artifact=str(out)):
         if what == "progress":
@@ -90,8 +84,8 @@ def run(teacher: str, student: str, src: str, tokens: int, seq_len: int, batch: 
                                   + (f"; student validation perplexity {ppl:.2f}" if ppl else "")), \
                     gr.skip(), gr.skip()
         else:
-            result = payload
-    if result is None or result.get("status") == "cancelled":
+            result, cancelled = payload, what == "cancelled"
+    if cancelled:
         st.add_output(state, st.Output("distilled", str(out), cmd, teacher,
                                        {"student": student, "status": "cancelled"}))
         yield gr.skip(), "Cancelled: a checkpoint was saved; tick *Resume* and start again to continue.", \
@@ -111,6 +105,7 @@ def choices(state: dict | None):
 
 
 def build(ctx: Ctx) -> None:
+    d = functools.partial(default, DistillConfig)  # widget defaults are the config's
     with gr.Tab("Distill", id="distill"):
         gr.Markdown("Train a pruned student toward its teacher with logit distillation (KL at a "
                     "temperature), optionally with cross-entropy and hidden-state losses.")
@@ -119,16 +114,16 @@ def build(ctx: Ctx) -> None:
             student = gr.Dropdown([], value=None, allow_custom_value=True, label="Student (pruned model)")
             src = gr.Dropdown(DATA_CHOICES, value="builtin", allow_custom_value=True, label="Data")
         with gr.Row():
-            tokens = gr.Number(value=65536, precision=0, minimum=1, label="Training tokens")
-            seq_len = gr.Number(value=256, precision=0, minimum=2, label="Sequence length")
-            batch = gr.Number(value=8, precision=0, minimum=1, label="Batch")
-            lr = gr.Number(value=1e-4, label="Learning rate")
+            tokens = gr.Number(value=d("tokens"), precision=0, minimum=1, label="Training tokens")
+            seq_len = gr.Number(value=d("seq_len"), precision=0, minimum=2, label="Sequence length")
+            batch = gr.Number(value=d("batch"), precision=0, minimum=1, label="Batch")
+            lr = gr.Number(value=d("lr"), label="Learning rate")
         with gr.Row():
-            temperature = gr.Number(value=1.0, label="Temperature")
-            kd_weight = gr.Number(value=1.0, label="KD weight")
-            ce_weight = gr.Number(value=0.0, label="CE weight")
-            hidden_weight = gr.Number(value=0.0, label="Hidden-state weight")
-            eval_tokens = gr.Number(value=8192, precision=0, minimum=0, label="Validation tokens")
+            temperature = gr.Number(value=d("temperature"), label="Temperature")
+            kd_weight = gr.Number(value=d("kd_weight"), label="KD weight")
+            ce_weight = gr.Number(value=d("ce_weight"), label="CE weight")
+            hidden_weight = gr.Number(value=d("hidden_weight"), label="Hidden-state weight")
+            eval_tokens = gr.Number(value=d("eval_tokens"), precision=0, minimum=0, label="Validation tokens")
             resume = gr.Checkbox(value=False, label="Resume the last run of this student")
         upload = upload_box("training")
         with gr.Row():

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import shlex
-
 import gradio as gr
 
+from compact import experiments
 from compact.experiments import EXPERIMENTS, ExperimentConfig
+from compact.jobs import command_line
 from ui import jobs, plots
 from ui import state as st
 from ui.common import HEAVY, Ctx, gpu, job_buttons
@@ -18,14 +18,6 @@ ABOUT = {
     "kd-vs-ce": "The same pruned student retrained with logit distillation and with cross-entropy only.",
     "sparse-methods": "2:4 by magnitude, Wanda and SparseGPT one-shot, and AST with and without SLoRB.",
 }
-
-
-def command(name: str, cfg: ExperimentConfig) -> str:
-    return shlex.join(["python", "-m", "compact", "experiment", name, "--model", cfg.model,
-                       "--out", cfg.out, "--data", cfg.data, "--keep", str(cfg.keep),
-                       "--tokens", str(cfg.tokens), "--seq-len", str(cfg.seq_len),
-                       "--batch", str(cfg.batch), "--samples", str(cfg.samples),
-                       "--eval-tokens", str(cfg.eval_tokens)])
 
 
 def table(result: dict) -> dict:
@@ -52,26 +44,17 @@ def run(name: str, keep: float, tokens: int, seq_len: int, batch: int, samples: 
     sid = jobs.session_id(request)
     if name not in EXPERIMENTS:
         raise gr.Error(f"unknown experiment '{name}'")
-    if not 0.05 <= float(keep) < 1:
-        raise gr.Error("the kept fraction must be between 0.05 and 1")
     if min(int(tokens), int(batch), int(samples), int(eval_tokens)) < 1 or int(seq_len) < 2:
         raise gr.Error("tokens, sequence length, batch, samples and evaluation tokens must be positive")
     out = st.next_output(sid, "experiment")
-    cfg = ExperimentConfig(model=state["ref"], out=str(out), data=st.check_data(src), keep=float(keep),
-                           tokens=int(tokens), seq_len=int(seq_len), batch=int(batch), samples=int(samples),
-                           eval_tokens=int(eval_tokens), session=sid)
-
-    def work(job: jobs.Job):
-        def on_event(e: dict) -> None:
-            if e.get("kind") == "step":
-                job.progress(min(1.0, (e["step"] + 1) / max(1, e.get("steps") or 1)),
-                             f"arm training: step {e['step'] + 1}, loss {e.get('loss', 0):.3f}")
-
-        return EXPERIMENTS[name](cfg, on_event=on_event, should_stop=job.should_stop)
-
-    result = jobs.run_to_end(work, sid, f"experiment:{name}", progress, base_model=state["ref"],
+    cfg = ExperimentConfig(name=name, model=state["ref"], out=str(out), data=st.check_data(src),
+                           keep=float(keep), tokens=int(tokens), seq_len=int(seq_len), batch=int(batch),
+                           samples=int(samples), eval_tokens=int(eval_tokens), session=sid)
+    cfg.check()
+    result = jobs.run_to_end(lambda job: experiments.run(cfg, job.progress, job.should_stop), sid,
+                             f"experiment:{name}", progress, base_model=state["ref"],
                              inputs={"keep": cfg.keep, "tokens": cfg.tokens}, artifact=str(out))
-    cmd = command(name, cfg)
+    cmd = command_line(cfg)
     st.add_output(state, st.Output("experiment", str(out), cmd, state["ref"], {"experiment": name}))
     return table(result), figure(result), f"Results in `{out}` (results.md, results.json)", state
 

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-import shlex
-
 import gradio as gr
 
-from compact import data, importance
+from compact import importance
+from compact.jobs import command_line
+from compact.options import default
 from ui import jobs, plots
 from ui import state as st
 from ui.common import DATA_CHOICES, HEAVY, Ctx, current, gpu, job_buttons, take_upload, upload_box
 
+# Smaller than the command line's defaults so that a click answers quickly on a CPU.
 DEFAULT_SAMPLES = 32
 DEFAULT_SEQ_LEN = 256
 
@@ -42,16 +43,6 @@ def summary(scores: importance.Scores) -> dict:
             "meta": scores.meta}
 
 
-def command(ref: str, src: str, samples: int, seq_len: int, batch_agg: str, seq_agg: str,
-            depth_ppl: bool, out: str) -> str:
-    parts = ["python", "-m", "compact", "importance", "--model", ref, "--data", src,
-             "--samples", str(samples), "--seq-len", str(seq_len), "--batch-agg", batch_agg,
-             "--seq-agg", seq_agg, "--out", out]
-    if depth_ppl:
-        parts.append("--depth-ppl")
-    return shlex.join(parts)
-
-
 @gpu
 @jobs.user_errors
 def run(src: str, samples: int, seq_len: int, batch_agg: str, seq_agg: str, depth_ppl: bool,
@@ -59,32 +50,17 @@ def run(src: str, samples: int, seq_len: int, batch_agg: str, seq_agg: str, dept
     state = st.session(state)
     sid = jobs.session_id(request)
     samples, seq_len = int(samples), int(seq_len)
-    src = st.check_data(src)
     if samples < 1 or seq_len < 2:
         raise gr.Error("samples must be at least 1 and the sequence length at least 2")
     loaded = current(state)
     out = st.next_output(sid, "importance").with_suffix(".safetensors")
-
-    def work(job: jobs.Job):
-        job.progress(0.0, "reading calibration data")
-        blocks = data.blocks(src, loaded.tokenizer, "calibration", samples, seq_len, model=loaded.model)
-        try:
-            scores = importance.estimate(loaded.model, blocks, batch_agg=batch_agg, seq_agg=seq_agg,
-                                         depth_ppl=bool(depth_ppl), progress=job.progress,
-                                         should_stop=job.should_stop)
-        except importance.Cancelled:
-            return None
-        scores.meta.setdefault("family", loaded.arch.family)
-        scores.save(out)
-        return scores
-
-    inputs = {"data": src, "samples": samples, "seq_len": seq_len, "batch_agg": batch_agg,
-              "seq_agg": seq_agg, "depth_ppl": bool(depth_ppl)}
-    scores = jobs.run_to_end(work, sid, "importance", progress, base_model=state["ref"],
-                             inputs=inputs, artifact=str(out))
-    if scores is None:
-        raise jobs.Cancelled()
-    cmd = command(state["ref"], src, samples, seq_len, batch_agg, seq_agg, depth_ppl, str(out))
+    cfg = importance.ImportanceConfig(model=state["ref"], data=st.check_data(src), samples=samples,
+                                      seq_len=seq_len, batch_agg=batch_agg, seq_agg=seq_agg,
+                                      depth_ppl=bool(depth_ppl), out=str(out))
+    jobs.run_to_end(lambda job: importance.run(cfg, job.progress, job.should_stop, loaded=loaded),
+                    sid, "importance", progress, base_model=state["ref"], inputs=vars(cfg), artifact=str(out))
+    scores = importance.Scores.load(out)
+    cmd = command_line(cfg)
     state.update(scores=scores, scores_path=str(out), scores_ref=state["ref"], scores_command=cmd)
     st.add_output(state, st.Output("importance", str(out), cmd, state["ref"], summary(scores)))
     return (*figures(scores), summary(scores), f"Scores saved to `{out}`", state)
@@ -101,9 +77,11 @@ def build(ctx: Ctx) -> None:
                                 elem_id="imp-samples")
             seq_len = gr.Number(value=DEFAULT_SEQ_LEN, precision=0, minimum=2, label="Tokens per sample",
                                 elem_id="imp-seq-len")
-            batch_agg = gr.Dropdown(list(importance.AGGREGATIONS), value="l2", label="Batch aggregation")
-            seq_agg = gr.Dropdown(list(importance.AGGREGATIONS), value="mean", label="Sequence aggregation")
-            depth_ppl = gr.Checkbox(value=False, label="Layer perplexity (one pass per layer, slower)")
+            batch_agg = gr.Dropdown(list(importance.AGGREGATIONS), label="Batch aggregation",
+                                    value=default(importance.ImportanceConfig, "batch_agg"))
+            seq_agg = gr.Dropdown(list(importance.AGGREGATIONS), label="Sequence aggregation",
+                                  value=default(importance.ImportanceConfig, "seq_agg"))
+            depth_ppl = gr.Checkbox(value=default(importance.ImportanceConfig, "depth_ppl"), label="Layer perplexity (one pass per layer, slower)")
         upload = upload_box("calibration")
         with gr.Row():
             go, stop = job_buttons("Estimate importance")

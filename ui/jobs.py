@@ -21,14 +21,10 @@ from typing import Any, Callable, Iterator
 import gradio as gr
 
 from compact import runs
-from compact.errors import UserError
+from compact.errors import Cancelled, UserError
 
 _FLAGS: dict[str, dict[int, threading.Event]] = defaultdict(dict)
 _FLAGS_LOCK = threading.Lock()
-
-
-class Cancelled(Exception):
-    """The job stopped because its stop flag was set."""
 
 
 class OutOfMemory(RuntimeError):
@@ -90,7 +86,8 @@ def run(work: Callable[[Job], Any], sid: str, kind: str, base_model: str | None 
     """Run work(job) in a thread; yield what it reports.
 
     Yields ("progress", (fraction, message)), ("event", dict), then ("done", result) or
-    ("cancelled", result-or-None). A UserError in the worker becomes gr.Error.
+    ("cancelled", what the job had: Cancelled.result, or None). A UserError in the worker
+    becomes gr.Error.
     """
     flag = threading.Event()
     inbox: queue.Queue = queue.Queue()
@@ -113,8 +110,9 @@ def run(work: Callable[[Job], Any], sid: str, kind: str, base_model: str | None 
                     release_memory()
                     raise OutOfMemory(f"out of memory in {kind} ({oom}); lower the batch, the "
                                       "sequence length or the number of samples")
-                record.cancelled = flag.is_set()
             inbox.put(("done", result))
+        except Cancelled as stop:  # the library's one way of saying it stopped when asked
+            inbox.put(("cancelled", stop.result))
         except BaseException as e:  # handed to the generator, which re-raises it
             inbox.put(("error", e))
 
@@ -135,9 +133,8 @@ def run(work: Callable[[Job], Any], sid: str, kind: str, base_model: str | None 
                     raise gr.Error(str(payload)) from None
                 traceback.print_exception(payload)
                 raise gr.Error(f"internal error: {type(payload).__name__}: {payload}") from None
-            if what == "done":
-                # The library may end early and return what it had when asked to stop.
-                yield ("cancelled" if flag.is_set() else "done"), payload
+            if what in ("done", "cancelled"):
+                yield what, payload
                 return
             yield what, payload
     finally:

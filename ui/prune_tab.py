@@ -6,12 +6,12 @@ change at once; the heatmaps come from compact.prune.plan, also model-free.
 
 from __future__ import annotations
 
-import shlex
 import threading
 
 import gradio as gr
 
-from compact import data, evaluate, prune, shapes
+from compact import prune, shapes
+from compact.jobs import command_line
 from compact.errors import UserError
 from compact.shapes import Shape
 from ui import importance_tab, jobs
@@ -109,68 +109,37 @@ def pick_row(rows, base: Shape | None, state: dict | None, depth_metric: str, ev
             *heatmaps(state, base, layers, hidden, ffn, heads, depth_metric))
 
 
-def baseline_ppl(loaded, ref: str, src: str, tokens: int, blocks) -> dict:
-    key = (st.cache_key(ref), src, tokens)
-    with _BASELINE_LOCK:
-        if key in _BASELINE:
-            return _BASELINE[key]
-    result = evaluate.perplexity(loaded.model, blocks)
-    with _BASELINE_LOCK:
-        _BASELINE[key] = result
-    return result
-
-
-def command(ref: str, out: str, tg: dict, scores_path: str | None, depth_metric: str) -> str:
-    parts = ["python", "-m", "compact", "prune", "--model", ref, "--out", out]
-    for k, v in tg.items():
-        parts += [f"--{k}", str(v)]
-    if scores_path:
-        parts += ["--importance", scores_path]
-    parts += ["--depth-metric", depth_metric]
-    return shlex.join(parts)
-
-
 @gpu
 @jobs.user_errors
 def run_prune(base: Shape | None, layers, hidden, ffn, heads, depth_metric: str, src: str,
               eval_tokens: int, state: dict | None, request: gr.Request, progress=gr.Progress()):
     state = st.session(state)
     sid = jobs.session_id(request)
-    src = st.check_data(src)
     loaded = current(state)
-    base = loaded.shape
-    tg = targets(base, layers, hidden, ffn, heads)
+    tg = targets(loaded.shape, layers, hidden, ffn, heads)
     if not tg:
         raise gr.Error("the target is the model's own shape: lower at least one control")
     scores = state.get("scores")
-    prune.plan(scores, base, depth_metric=depth_metric, family=loaded.arch.family, **tg)  # fail fast
     out = st.next_output(sid, "pruned")
-    eval_tokens = int(eval_tokens or EVAL_TOKENS)
+    cfg = prune.PruneConfig(model=state["ref"], out=str(out), **tg, depth_metric=depth_metric,
+                            importance=state.get("scores_path"), data=st.check_data(src),
+                            seq_len=EVAL_SEQ_LEN, eval_tokens=int(eval_tokens or EVAL_TOKENS))
+    prune.plan(scores, loaded.shape, depth_metric=depth_metric, family=loaded.arch.family, **tg)  # fail fast
+    key = (st.cache_key(state["ref"]), cfg.data, cfg.eval_tokens)
+    with _BASELINE_LOCK:
+        before = _BASELINE.get(key)
 
     def work(job: jobs.Job):
-        job.progress(0.05, "pruning")
-        result = prune.prune_and_save(loaded, scores, out, depth_metric=depth_metric, **tg)
-        if job.should_stop():
-            return None
-        job.progress(0.4, "loading the pruned checkpoint")
-        pruned = st.CACHE.get(str(out))
-        seq = min(EVAL_SEQ_LEN, evaluate.context_length(pruned.model))
-        val = data.blocks(src, loaded.tokenizer, "validation", data.n_blocks_for(eval_tokens, seq), seq,
-                          model=loaded.model)
-        job.progress(0.5, "validation perplexity of the original")
-        before = baseline_ppl(loaded, state["ref"], src, eval_tokens, val)
-        job.progress(0.75, "validation perplexity of the pruned model")
-        after = evaluate.perplexity(pruned.model, val)
-        result.update(ppl_before=before["ppl"], ppl_after=after["ppl"], eval_tokens=after["tokens"])
+        result = prune.run(cfg, job.progress, job.should_stop, loaded=loaded, scores=scores, before=before)
         if job.record is not None:
-            job.record.params, job.record.metrics = result["params"], {"ppl": after["ppl"]}
+            job.record.params, job.record.metrics = result["params"], {"ppl": result["ppl_after"]}
         return result
 
-    result = jobs.run_to_end(work, sid, "prune", progress, base_model=state["ref"],
-                             inputs={**tg, "depth_metric": depth_metric}, artifact=str(out))
-    if result is None:
-        raise jobs.Cancelled()
-    cmd = command(state["ref"], str(out), tg, state.get("scores_path"), depth_metric)
+    result = jobs.run_to_end(work, sid, "prune", progress, base_model=state["ref"], inputs=vars(cfg),
+                             artifact=str(out))
+    with _BASELINE_LOCK:
+        _BASELINE[key] = result.pop("before")
+    cmd = command_line(cfg)
     if state.get("scores_command"):
         cmd = state["scores_command"] + "\n" + cmd
     st.add_output(state, st.Output("pruned", str(out), cmd, state["ref"], result))

@@ -5,18 +5,22 @@ Shows per-layer sparsity of the result and, for AST, the loss and mask flip-rate
 
 from __future__ import annotations
 
-import shlex
+import dataclasses
 from pathlib import Path
 
 import gradio as gr
 
-from compact import data, evaluate, models, sparsity
+from compact import sparsify, sparsity
+from compact.jobs import command_line
+from compact.options import default
+from compact.sparsify import METHODS, SparsifyConfig
 from ui import jobs, plots
 from ui import state as st
 from ui.common import DATA_CHOICES, HEAVY, Ctx, current, gpu, job_buttons
 
-METHODS = ["magnitude", "wanda", "sparsegpt", "ast"]
-EVAL_SEQ_LEN = 256
+# Smaller than the command line's defaults so that a one-shot click answers quickly on a CPU.
+APP_SAMPLES = 32
+APP_EVAL_TOKENS = 4096
 
 
 def layer_plot(check: dict, pattern: str):
@@ -35,26 +39,6 @@ def loss_plot(events: list[dict]):
     return plots.curves(events, "tokens", ["loss", "kd", "ce"], "AST training loss", "loss")
 
 
-def command(ref: str, out: str, method: str, pattern: str, src: str, samples: int, seq_len: int,
-            eval_tokens: int, tokens: int, batch: int, lr: float, slorb_k: int, mask_interval: int,
-            mask_margin: float, resume: bool) -> str:
-    parts = ["python", "-m", "compact", "sparsify", "--model", ref, "--out", out, "--method", method,
-             "--pattern", pattern, "--data", src, "--seq-len", str(seq_len),
-             "--eval-tokens", str(eval_tokens)]
-    if method in ("wanda", "sparsegpt"):
-        parts += ["--samples", str(samples)]
-    if method == "ast":
-        parts += ["--tokens", str(tokens), "--batch", str(batch), "--lr", str(lr),
-                  "--mask-interval", str(mask_interval)]
-        if mask_margin:
-            parts += ["--mask-margin", str(mask_margin)]
-        if slorb_k:
-            parts += ["--slorb-k", str(slorb_k)]
-        if resume:
-            parts.append("--resume")
-    return shlex.join(parts)
-
-
 @gpu
 @jobs.user_errors
 def run(method: str, pattern: str, src: str, samples: int, seq_len: int, eval_tokens: int,
@@ -62,14 +46,8 @@ def run(method: str, pattern: str, src: str, samples: int, seq_len: int, eval_to
         resume: bool, state: dict | None, request: gr.Request, progress=gr.Progress()):
     state = st.session(state)
     sid = jobs.session_id(request)
-    src = st.check_data(src)
-    n, m = sparsity.parse_pattern(pattern)
-    samples, seq_len, eval_tokens = int(samples), int(seq_len), int(eval_tokens)
-    tokens, batch, slorb_k, mask_interval = int(tokens), int(batch), int(slorb_k or 0), int(mask_interval)
     if method not in METHODS:
         raise gr.Error(f"unknown method '{method}'")
-    dense = current(state)
-    sparsity.check_widths(dense.model, m)
     if resume and method == "ast":
         previous = st.resumable(state, "sparse", method="ast")
         if previous is None:
@@ -77,57 +55,30 @@ def run(method: str, pattern: str, src: str, samples: int, seq_len: int, eval_to
         out = Path(previous.path)
     else:
         out = st.next_output(sid, "sparse")
+    cfg = SparsifyConfig(model=state["ref"], out=str(out), method=method, pattern=pattern,
+                         data=st.check_data(src), samples=int(samples), seq_len=int(seq_len),
+                         eval_tokens=int(eval_tokens), tokens=int(tokens), batch=int(batch), lr=float(lr),
+                         slorb_k=int(slorb_k or 0), mask_interval=int(mask_interval),
+                         mask_margin=float(mask_margin or 0), resume=bool(resume and method == "ast"))
+    cfg.check()
+    dense = current(state)
+    sparsity.check_widths(dense.model, cfg.m)
     events: list[dict] = []
 
     def work(job: jobs.Job):
-        seq = min(seq_len, evaluate.context_length(dense.model))
-        val = data.blocks(src, dense.tokenizer, "validation", data.n_blocks_for(eval_tokens, seq), seq,
-                          model=dense.model)
-        job.progress(0.02, "validation perplexity of the dense model")
-        before = evaluate.perplexity(dense.model, val)
-        result = {"model": state["ref"], "method": method, "pattern": f"{n}:{m}", "out": str(out)}
-        if method == "ast":
-            from compact import sparse_training
-
-            cfg = sparse_training.AstConfig(
-                model=state["ref"], out=str(out), data=src, n=n, m=m, tokens=tokens, seq_len=seq, batch=batch,
-                lr=float(lr), mask_interval=mask_interval, mask_margin=float(mask_margin or 0),
-                slorb_k=slorb_k, resume=bool(resume), eval_tokens=eval_tokens)
-            student = st.CACHE.copy(state["ref"])  # trained in place
-            trained = sparse_training.run_ast(cfg, on_event=job.event, should_stop=job.should_stop,
-                                              teacher=dense, student=student)
-            result["training"] = trained
-            if trained.get("status") == "cancelled":
-                return {**result, "status": "cancelled"}
-            st.CACHE.drop(str(out))
-            sparse = st.CACHE.get(str(out)).model
-        else:
-            calib = None
-            if method != "magnitude":
-                calib = data.blocks(src, dense.tokenizer, "calibration", samples, seq, model=dense.model)
-            work_copy = st.CACHE.copy(state["ref"])  # one-shot prunes in place
-            report = sparsity.one_shot(work_copy.model, method, n, m, calib,
-                                       progress=lambda f, desc="": job.progress(0.05 + 0.8 * f, desc),
-                                       should_stop=job.should_stop)
-            if report.get("stopped"):
-                return None
-            models.save(work_copy.model, dense.tokenizer, out, {
-                "source": state["ref"], "sparsify": {"method": method, "pattern": f"{n}:{m}",
-                                                     "data": src, "samples": samples}})
-            sparse = work_copy.model
-            result["layers_pruned"] = len(report["layers"])
-        job.progress(0.9, "validation perplexity of the sparse model")
-        after = evaluate.perplexity(sparse, val)
-        check = sparsity.check_pattern(sparse, n, m)
-        result.update(status="done", **sparsity.sparsity_summary(sparse, n, m), ppl_before=before["ppl"],
-                      ppl_after=after["ppl"], eval_tokens=before["tokens"], check=check)
+        student = st.CACHE.copy(state["ref"])  # one-shot prunes, AST trains this copy in place
+        result = sparsify.run(cfg, job.progress, job.should_stop, on_event=job.event, dense=dense,
+                              student=student)
+        st.CACHE.drop(str(out))  # a resumed run rewrites the folder
+        sparse = st.CACHE.get(str(out)).model
+        result["check"] = sparsity.check_pattern(sparse, cfg.n, cfg.m)
         if job.record is not None:
-            job.record.metrics = {"ppl": after["ppl"], "sparsity": check["sparsity"]}
+            job.record.metrics = {"ppl": result["ppl_after"], "sparsity": result["check"]["sparsity"]}
         return result
 
-    result = None
-    for what, payload in jobs.run(work, sid, "sparsify", base_model=state["ref"],
-                                  inputs={"method": method, "pattern": f"{n}:{m}"}, artifact=str(out)):
+    result, cancelled = None, False
+    for what, payload in jobs.run(work, sid, "sparsify", base_model=state["ref"], inputs=vars(cfg),
+                                  artifact=str(out)):
         if what == "progress":
             progress(payload[0], desc=payload[1])
         elif what == "event":
@@ -140,8 +91,8 @@ def run(method: str, pattern: str, src: str, samples: int, seq_len: int, eval_to
                     yield gr.skip(), loss_plot(events), flip_plot(events), gr.skip(), \
                         f"AST step {payload['step']}/{payload['steps']}", gr.skip()
         else:
-            result = payload
-    if result is None or result.get("status") == "cancelled":
+            result, cancelled = payload, what == "cancelled"
+    if cancelled:
         msg = "Cancelled."
         if method == "ast" and result is not None:
             msg += " Tick *Resume* to continue the AST run."
@@ -150,9 +101,8 @@ def run(method: str, pattern: str, src: str, samples: int, seq_len: int, eval_to
         yield gr.skip(), gr.skip(), gr.skip(), result or {}, msg, state
         return
     check = result.pop("check")
-    cmd = command(state["ref"], str(out), method, f"{n}:{m}", src, samples, seq_len, eval_tokens,
-                  tokens, batch, lr, slorb_k, mask_interval, mask_margin, bool(resume))
-    st.add_output(state, st.Output("sparse", str(out), cmd, state["ref"], result))
+    st.add_output(state, st.Output("sparse", str(out), command_line(dataclasses.replace(cfg, resume=False)),
+                                   state["ref"], result))
     msg = (f"{result['pattern']} {method}: {check['sparsity']:.1%} zeros, pattern "
            f"{'exact' if result['pattern_ok'] else 'NOT exact'}; validation perplexity "
            f"{result['ppl_before']:.2f} → **{result['ppl_after']:.2f}**. Saved to `{out}`.")
@@ -168,22 +118,26 @@ def build(ctx: Ctx) -> None:
                     "magnitude, Wanda, SparseGPT. AST trains the sparse model by distillation from the "
                     "dense one, re-choosing masks as it goes; SLoRB adds a small low-rank term.")
         with gr.Row():
-            method = gr.Radio(METHODS, value="wanda", label="Method")
-            pattern = gr.Textbox(value="2:4", label="Pattern N:M")
+            method = gr.Radio(list(METHODS), value="wanda", label="Method")
+            pattern = gr.Textbox(value=default(SparsifyConfig, "pattern"), label="Pattern N:M")
             src = gr.Dropdown(DATA_CHOICES, value="builtin", allow_custom_value=True, label="Data")
-            samples = gr.Number(value=32, precision=0, minimum=1, label="Calibration samples")
-            seq_len = gr.Number(value=256, precision=0, minimum=16, label="Tokens per sample")
-            eval_tokens = gr.Number(value=4096, precision=0, minimum=256, label="Validation tokens")
+            samples = gr.Number(value=APP_SAMPLES, precision=0, minimum=1, label="Calibration samples")
+            seq_len = gr.Number(value=default(SparsifyConfig, "seq_len"), precision=0, minimum=16,
+                                label="Tokens per sample")
+            eval_tokens = gr.Number(value=APP_EVAL_TOKENS, precision=0, minimum=256, label="Validation tokens")
         with gr.Accordion("AST training", open=False):
             with gr.Row():
-                tokens = gr.Number(value=65536, precision=0, minimum=1, label="Training tokens")
-                batch = gr.Number(value=8, precision=0, minimum=1, label="Batch")
-                lr = gr.Number(value=1e-4, label="Learning rate")
-                mask_interval = gr.Number(value=10, precision=0, minimum=1,
-                                          label="Mask update interval (steps)")
-                mask_margin = gr.Number(value=0.0, minimum=0, label="Mask margin (a pruned weight must "
-                                        "beat a kept one by this fraction; 0 = the paper)")
-                slorb_k = gr.Dropdown([0, 16, 32, 64], value=0, label="SLoRB block size (0 = off)")
+                tokens = gr.Number(value=default(SparsifyConfig, "tokens"), precision=0, minimum=1,
+                                   label="Training tokens")
+                batch = gr.Number(value=default(SparsifyConfig, "batch"), precision=0, minimum=1, label="Batch")
+                lr = gr.Number(value=default(SparsifyConfig, "lr"), label="Learning rate")
+                mask_interval = gr.Number(value=default(SparsifyConfig, "mask_interval"), precision=0,
+                                          minimum=1, label="Mask update interval (steps)")
+                mask_margin = gr.Number(value=default(SparsifyConfig, "mask_margin"), minimum=0,
+                                        label="Mask margin (a pruned weight must beat a kept one by this "
+                                              "fraction; 0 = the paper)")
+                slorb_k = gr.Dropdown([0, 16, 32, 64], value=default(SparsifyConfig, "slorb_k"),
+                                      label="SLoRB block size (0 = off)")
                 resume = gr.Checkbox(value=False, label="Resume the last AST run")
         with gr.Row():
             go, stop = job_buttons("Sparsify")
