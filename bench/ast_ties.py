@@ -1,6 +1,7 @@
 """Why AST's mask updates hurt a quantized checkpoint: tied magnitudes inside groups of M.
 
-    .venv/bin/python bench/ast_ties.py [--model default] [--out bench/results/experiments/ast-ties-default-cpu.json]
+    .venv/bin/python -m bench.ast_ties [--model default]
+        [--out bench/results/experiments/ast-ties-default-cpu.json]
 
 1. ties: the fraction of N:M groups whose N-th and (N+1)-th largest |W| are exactly equal, so the
    magnitude mask is an arbitrary choice among them;
@@ -22,11 +23,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench.common import device_name, write_json  # noqa: E402
-from compact import data, distill, evaluate, models, sparse_training, sparsity  # noqa: E402
-from compact.arch import weight_oi  # noqa: E402
+from bench.common import device_name, write_json
+from compact import data, distill, evaluate, models, sparse_training, sparsity
+from compact.arch import weight_oi
 
 
 def tie_fraction(weights: dict[str, torch.Tensor], n: int = 2, m: int = 4) -> float:

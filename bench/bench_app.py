@@ -1,6 +1,6 @@
 """The app's responsiveness on the default model: cold start, importance, the Prune readout.
 
-    .venv/bin/python bench/bench_app.py [--out bench/results/app.json]
+    .venv/bin/python -m bench.bench_app [--out bench/results/app.json]
 
 cold start: from spawning `python app.py` to the page answering (HTTP 200), then the first
 Load of the default model through gradio_client. importance: the Importance tab with its
@@ -13,24 +13,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 import urllib.request
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
-
-
-from bench.common import device_name, write_json  # noqa: E402
+from bench.common import device_name, write_json
+from ui.server import ROOT, serve
 
 
 def serve_timed(tmp: Path):
     """Start the app and time it to the first HTTP 200 of the page."""
-    from app_server import serve
-
     start = time.perf_counter()
     ctx = serve(tmp)
     url = ctx.__enter__()

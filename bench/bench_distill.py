@@ -1,6 +1,6 @@
 """Cost of a distillation step against a plain cross-entropy step of the same student.
 
-    .venv/bin/python bench/bench_distill.py [--device cpu|cuda] [--batch B] [--seq-len L]
+    .venv/bin/python -m bench.bench_distill [--device cpu|cuda] [--batch B] [--seq-len L]
                                             [--keep-layers N] [--steps N] [--out FILE]
 
 Teacher: the default model (SmolLM2-135M). Student: the same model with only its first
@@ -30,14 +30,11 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from compact import data, distill, models, prune  # noqa: E402
+from bench.common import device_name, sync, write_json
+from compact import data, distill, models, prune
 
 MODES = ("plain", "ce_chunked", "distill")
-
-
-from bench.common import device_name, sync, write_json  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def rss_bytes() -> int:
@@ -140,16 +137,17 @@ def main() -> int:
     for _ in range(args.steps):
         for m in MODES:
             times[m].append(timed(steps[m], device))
-    ratios = [d / p for d, p in zip(times["distill"], times["plain"])]
-    ratios_ce = [c / p for c, p in zip(times["ce_chunked"], times["plain"])]
+    ratios = [d / p for d, p in zip(times["distill"], times["plain"], strict=True)]
+    ratios_ce = [c / p for c, p in zip(times["ce_chunked"], times["plain"], strict=True)]
     del steps
     peaks = {}
     for m in MODES:  # separate processes: peak resident memory cannot be reset in one
-        cmd = [sys.executable, __file__, "--mode", m, "--batch", str(args.batch), "--seq-len",
-               str(args.seq_len), "--keep-layers", str(args.keep_layers), "--chunk", str(args.chunk)]
+        cmd = [sys.executable, "-m", "bench.bench_distill", "--mode", m, "--batch", str(args.batch),
+               "--seq-len", str(args.seq_len), "--keep-layers", str(args.keep_layers),
+               "--chunk", str(args.chunk)]
         if args.device:
             cmd += ["--device", args.device]
-        proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True)
         peaks[m] = json.loads(proc.stdout.strip().splitlines()[-1])["peak_bytes"]
 
     result = {

@@ -1,6 +1,6 @@
 """Minitron pruning on the default model: importance-pass overhead, trim time, and quality.
 
-    .venv/bin/python bench/bench_prune.py [--device cpu] [--repeats 3] [--quality]
+    .venv/bin/python -m bench.bench_prune [--device cpu] [--repeats 3] [--quality]
 
 speed: tokens/s of a plain forward pass against the hooked importance pass on the same blocks
 (the issue's goal: at most 10% slower), alternating the two so that load from other processes
@@ -23,13 +23,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from compact import data, evaluate, importance, models, prune, search  # noqa: E402
-from compact.arch import weight_oi  # noqa: E402
-
-
-from bench.common import device_name, sync, write_json  # noqa: E402
+from bench.common import device_name, sync, write_json
+from compact import data, evaluate, importance, models, prune, search
+from compact.arch import weight_oi
 
 
 @torch.no_grad()
@@ -53,11 +49,19 @@ def speed(loaded, blocks, batch, repeats) -> dict:
     model, device = loaded.model, loaded.device
     blocks = blocks.to(device)
     tokens = blocks.numel()
-    run_plain = lambda: plain_pass(model, blocks, batch)
-    run_hooked = lambda: importance.estimate(model, blocks, batch_size=batch)
+
+    def run_plain():
+        return plain_pass(model, blocks, batch)
+
+    def run_hooked():
+        return importance.estimate(model, blocks, batch_size=batch)
+
     run_plain(), run_hooked()  # warm-up
     pairs = [(wall(run_plain, device), wall(run_hooked, device)) for _ in range(repeats)]
-    median = lambda xs: sorted(xs)[len(xs) // 2]
+
+    def median(xs):
+        return sorted(xs)[len(xs) // 2]
+
     scores = importance.estimate(model, blocks, batch_size=batch)
     target = dict(heads=6, ffn=1024, hidden=480, layers=26)
     trim = min(wall(lambda: prune.trim(model, scores, **target), device)[0] for _ in range(repeats))
@@ -99,7 +103,10 @@ def quality(loaded, calib, val, batch, keep: float, depth_blocks: int, out: dict
     width = search.candidates(src, budget, 0.03, layers=[src.layers], min_fraction=0.4)[0]
     depth = search.candidates(src, budget, 0.05, hidden=[src.hidden], ffn=[src.ffn],
                               heads=[src.heads], min_fraction=0.3)[0]
-    ppl = lambda m: evaluate.perplexity(m, val, batch)["ppl"]
+
+    def ppl(m):
+        return evaluate.perplexity(m, val, batch)["ppl"]
+
     wt = dict(layers=width.layers, hidden=width.hidden, ffn=width.ffn, heads=width.heads)
 
     def step(key, fn):

@@ -1,6 +1,6 @@
 """Dense against 2:4 semi-structured kernels: single linears, model prefill and decode.
 
-    .venv/bin/python bench/bench_sparse.py [--device cuda] [--model REF] [--out bench/results/sparse.json]
+    .venv/bin/python -m bench.bench_sparse [--device cuda] [--model REF] [--out bench/results/sparse.json]
 
 layers: F.linear with a dense weight against the same 2:4 weight converted by
 torch.sparse.to_sparse_semi_structured, with cuSPARSELt's default algorithm and with the one
@@ -26,15 +26,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from compact import models, sparsity  # noqa: E402
+from bench.common import device_name, sync, write_json
+from compact import models, sparsity
 
 SMALL = [(576, 576), (192, 576), (1536, 576), (576, 1536)]   # default model: q/o, k/v, up/gate, down
 LARGE = [(4096, 4096), (14336, 4096), (4096, 14336)]          # an 8B model
 
-
-from bench.common import device_name, sync, write_json  # noqa: E402
 
 
 def timed(fn, device, repeats: int, warmup: int = 2) -> float:
@@ -75,17 +72,17 @@ def bench_layers(device, dtype, shapes, token_counts, repeats, sparse_ok) -> lis
         for tokens in token_counts:
             x = torch.randn(tokens, in_f, device=device, dtype=dtype)
             row = {"out": out_f, "in": in_f, "tokens": tokens,
-                   "dense_ms": timed(lambda: F.linear(x, w), device, repeats)}
+                   "dense_ms": timed(lambda x=x, w=w: F.linear(x, w), device, repeats)}
             if sparse_ok:
                 try:
                     ws = to_sparse_semi_structured(w)
-                    row["sparse_ms"] = timed(lambda: F.linear(x, ws), device, repeats)
+                    row["sparse_ms"] = timed(lambda x=x, ws=ws: F.linear(x, ws), device, repeats)
                     row["speedup"] = row["dense_ms"] / row["sparse_ms"]
                     alg = sparsity.cslt_search(w, tokens)
                     row["cslt_alg_id"] = alg
                     if alg:
                         wa = to_sparse_semi_structured(w, alg_id=alg)
-                        row["sparse_search_ms"] = timed(lambda: F.linear(x, wa), device, repeats)
+                        row["sparse_search_ms"] = timed(lambda x=x, wa=wa: F.linear(x, wa), device, repeats)
                         row["speedup_search"] = row["dense_ms"] / row["sparse_search_ms"]
                 except (RuntimeError, NotImplementedError) as e:
                     row["sparse_error"] = str(e).splitlines()[0][:200]
@@ -168,10 +165,12 @@ def summarize(result: dict) -> dict:
     for row in m["prefill"]:
         s[f"prefill b{row['batch']} dense ms"] = row["dense_ms"]
         if "sparse_speedup" in row:
-            s[f"prefill b{row['batch']} 2:4 speedup"] = max(row["sparse_speedup"], row.get("sparse_search_speedup", 0))
+            s[f"prefill b{row['batch']} 2:4 speedup"] = max(row["sparse_speedup"],
+                                                             row.get("sparse_search_speedup", 0))
     s["decode dense tok/s"] = m["decode"]["dense_tokens_per_s"]
     if "sparse_speedup" in m["decode"]:
-        s["decode 2:4 speedup"] = max(m["decode"]["sparse_speedup"], m["decode"].get("sparse_search_speedup", 0))
+        s["decode 2:4 speedup"] = max(m["decode"]["sparse_speedup"],
+                                      m["decode"].get("sparse_search_speedup", 0))
     return s
 
 

@@ -1,8 +1,8 @@
 """Load: simulated users generating and running importance while a distillation job runs.
 
-    .venv/bin/python bench/load_test.py [--users 4] [--rounds 3] [--out bench/results/load.json]
+    .venv/bin/python -m bench.load_test [--users 4] [--rounds 3] [--out bench/results/load.json]
 
-Starts the real app (tests/app_server.py, loopback only) on a temporary data folder. One
+Starts the real app (ui/server.py, loopback only) on a temporary data folder. One
 client starts a distillation of the default model into itself (small, but long enough to
 overlap the users); then each of `--users` gradio_client users runs `--rounds` rounds of
 /generate (8 new tokens) and /importance (2 samples x 32 tokens), each user stopping by itself
@@ -22,11 +22,8 @@ import threading
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
-
-from bench.common import device_name, write_json  # noqa: E402
+from bench.common import device_name, write_json
+from ui.server import ROOT, serve
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -40,8 +37,6 @@ def percentile(values: list[float], q: float) -> float:
 
 def run(users: int, rounds: int, max_seconds: float, distill_tokens: int) -> dict:
     from gradio_client import Client
-
-    from app_server import serve
 
     latencies: dict[str, list[float]] = {}
     errors: list[str] = []

@@ -16,9 +16,12 @@ import pytest
 from gradio_client import Client
 from gradio_client.exceptions import AppError
 
-from app_server import serve
 from compact import models, shapes
 from ui import prune_tab
+from ui.server import serve
+
+# Every test talks to a server that runs the real default model.
+pytestmark = [pytest.mark.app, pytest.mark.slow]
 
 PROMPT = "The capital of France is"
 
@@ -152,7 +155,7 @@ def test_pareto_and_loss_curves_of_this_sessions_runs(client, flow):
 
 def test_experiment_kd_vs_ce_in_one_click(client, flow):
     table, fig, message = client.predict("kd-vs-ce", 0.9, 32, 16, 2, 2, 64, "builtin", api_name="/experiment")
-    rows = [dict(zip(table["headers"], r)) for r in table["data"]]
+    rows = [dict(zip(table["headers"], r, strict=True)) for r in table["data"]]
     assert [r["arm"] for r in rows] == ["logit distillation (KL)", "cross-entropy only"]
     assert all(math.isfinite(r["loss_before"]) and math.isfinite(r["loss_after"]) and r["tokens"] == 32
                for r in rows)

@@ -1,7 +1,7 @@
 """Bad input, CLI and app: each a clear one-line message, the server still serving, the runs
 store unchanged.
 
-The app side drives the real server (tests/app_server.py) through gradio_client; its data
+The app side drives the real server (ui/server.py) through gradio_client; its data
 folder holds the bad files, since a visitor may only name paths inside the allowed folders.
 CLI cases already covered in test_cli/test_models/test_data are not repeated here.
 """
@@ -19,9 +19,9 @@ from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from transformers import BertConfig, BertForMaskedLM
 
-from app_server import free_port, serve
 from compact import runs
-from conftest import run_cli
+from tests.helpers import run_cli
+from ui.server import free_port, serve
 
 UPLOAD_LIMIT_MB = 1
 
@@ -116,15 +116,18 @@ APP_CASES = [
     ("data outside the allowed folders", "/importance", lambda f: importance_args("/etc/hostname.txt"),
      "outside the folders"),
     ("data path escaping with ..", "/importance",
-     lambda f: importance_args(str(f["good.txt"].parent / ".." / ".." / ".." / "x.txt")), "outside the folders"),
-    ("negative samples", "/importance", lambda f: ("builtin", -4, 32, "l2", "mean", False), "less than minimum value 1"),
+     lambda f: importance_args(str(f["good.txt"].parent / ".." / ".." / ".." / "x.txt")),
+     "outside the folders"),
+    ("negative samples", "/importance", lambda f: ("builtin", -4, 32, "l2", "mean", False),
+     "less than minimum value 1"),
     ("layers 0", "/prune", lambda f: (0, 576, 1536, 9, "bi", "builtin", 512), "less than minimum value 1"),
     ("ffn larger than the model's", "/prune", lambda f: (30, 576, 4096, 9, "bi", "builtin", 512), "ffn|1536"),
     ("hidden larger than the model's", "/prune", lambda f: (30, 1024, 1536, 9, "bi", "builtin", 512),
      "hidden|576"),
     ("prompt far beyond the context", "/generate",
      lambda f: ("default", "word " * 9000, 8, 0, 0, False), "exceeds the model's context"),
-    ("negative token budget", "/generate", lambda f: ("default", "hi", -5, 0, 0, False), "less than minimum value 1"),
+    ("negative token budget", "/generate", lambda f: ("default", "hi", -5, 0, 0, False),
+     "less than minimum value 1"),
     ("absurd distill tokens", "/distill",
      lambda f: ("default", "default", "builtin", 10**15, 64, 2, 1e-4, 1.0, 1.0, 0.0, 0.0, False, 512),
      "tokens are more than one run may ask for"),
@@ -135,6 +138,8 @@ APP_CASES = [
 
 
 @pytest.mark.parametrize("case,api,args,message", APP_CASES, ids=[c[0] for c in APP_CASES])
+@pytest.mark.app
+@pytest.mark.slow
 def test_app_bad_input(server, case, api, args, message):
     client, db = server["client"], server["db"]
     before = count_runs(db)
@@ -148,6 +153,8 @@ def test_app_bad_input(server, case, api, args, message):
     assert info["layers"] == 30
 
 
+@pytest.mark.app
+@pytest.mark.slow
 def test_app_upload_over_the_limit_and_wrong_type(server):
     client, files, db = server["client"], server["files"], server["db"]
     before = count_runs(db)
@@ -171,6 +178,8 @@ def test_app_upload_over_the_limit_and_wrong_type(server):
     assert count_runs(db) == before + 1
 
 
+@pytest.mark.app
+@pytest.mark.slow
 def test_app_two_jobs_never_share_an_output(server, monkeypatch):
     """The app names outputs itself and reserves each name as it hands it out."""
     monkeypatch.setenv("COMPACT_DATA", str(server["tmp"] / "reserve"))
@@ -200,6 +209,8 @@ def cli_files(tmp_path_factory, tiny_checkpoint):
     return write_bad_files(tmp_path_factory.mktemp("bad-input-cli"), tiny_checkpoint("llama"))
 
 
+@pytest.mark.cli
+@pytest.mark.slow
 def test_cli_bad_inputs_leave_the_store_unchanged(tmp_path, cli_files, tiny_checkpoint):
     db = tmp_path / "runs.sqlite"
     env = {"COMPACT_RUNS_DB": str(db)}
@@ -223,6 +234,7 @@ def test_cli_bad_inputs_leave_the_store_unchanged(tmp_path, cli_files, tiny_chec
         assert count_runs(db) == 0, (args, line)
 
 
+@pytest.mark.cli
 def test_cli_hub_unreachable(tmp_path):
     """An endpoint nobody listens on: a fast, clear message instead of retries."""
     env = {"HF_ENDPOINT": f"http://127.0.0.1:{free_port()}", "HF_HUB_OFFLINE": "0"}
@@ -230,6 +242,7 @@ def test_cli_hub_unreachable(tmp_path):
     assert "cannot reach the Hugging Face Hub" in line
 
 
+@pytest.mark.cli
 def test_cli_two_jobs_writing_the_same_output(tmp_path, tiny_checkpoint):
     """A job still writing a folder (this live process holds the record) blocks a second one."""
     db = tmp_path / "runs.sqlite"

@@ -18,13 +18,15 @@ from pathlib import Path
 
 import pytest
 
-from app_server import ROOT, serve
+from tests.helpers import ROOT
+from ui.server import serve
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 SHOTS = ROOT / "out" / "test_browser"
 
-pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed "
-                                "(make browser installs it as root); the browser test needs it")
+pytestmark = [pytest.mark.app, pytest.mark.slow,
+              pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed "
+                                 "(make browser installs it as root); the browser test needs it")]
 
 
 class Browser:
@@ -52,7 +54,8 @@ class Browser:
         self.out, self.inp = os.fdopen(cmd_w, "wb"), os.fdopen(res_r, "rb")
         self.next_id, self.buffer = 0, b""
         page = next(t for t in self.call("Target.getTargets")["targetInfos"] if t["type"] == "page")
-        self.session = self.call("Target.attachToTarget", targetId=page["targetId"], flatten=True)["sessionId"]
+        attached = self.call("Target.attachToTarget", targetId=page["targetId"], flatten=True)
+        self.session = attached["sessionId"]
         self.call("Runtime.enable", session=True)
 
     def call(self, method: str, session: bool = False, **params) -> dict:
@@ -153,14 +156,16 @@ def browser(tmp_path_factory):
 
 def heatmap_drawn(elem_id: str) -> str:
     """True once Plotly has drawn a heatmap trace inside the component."""
-    return f"document.querySelectorAll('#{elem_id} .js-plotly-plot .hm, #{elem_id} .heatmaplayer image').length > 0"
+    return (f"document.querySelectorAll('#{elem_id} .js-plotly-plot .hm, #{elem_id} .heatmaplayer image')"
+            ".length > 0")
 
 
 def test_main_flow_by_clicking(browser):
     b = browser
     b.wait("document.body.innerText.includes('shrink a language model')", 60, "the page")
     for tab in ("Model", "Importance", "Prune", "Sparsify", "Distill", "Compare", "Export"):
-        assert b.js(f"[...document.querySelectorAll('button[role=tab]')].some(t => t.textContent.trim() === '{tab}')"), tab
+        assert b.js("[...document.querySelectorAll('button[role=tab]')]"
+                    f".some(t => t.textContent.trim() === '{tab}')"), tab
     b.screenshot(SHOTS / "01-page.png")
 
     b.click_button("Load")

@@ -2,7 +2,9 @@ import json
 
 import pytest
 
-from tests.conftest import run_cli
+from tests.helpers import run_cli
+
+pytestmark = pytest.mark.cli
 
 
 def _last_json(proc):
@@ -16,6 +18,7 @@ def test_info_on_tiny_checkpoint(tiny_checkpoint):
     assert info["family"] == "qwen3" and info["layers"] == 4 and info["kv_heads"] == 2
 
 
+@pytest.mark.slow
 def test_eval_prints_finite_perplexity(tiny_checkpoint):
     proc = run_cli("eval", "--model", str(tiny_checkpoint("gpt2")), "--data", "builtin",
                    "--tokens", "1024", "--seq-len", "64")
@@ -24,6 +27,7 @@ def test_eval_prints_finite_perplexity(tiny_checkpoint):
     assert out["tokens"] == 1024 and 1.0 < out["ppl"] < 1e6
 
 
+@pytest.mark.slow
 def test_generate_default_names_paris():
     proc = run_cli("generate", "--model", "default", "--prompt", "The capital of France is",
                    "--max-new-tokens", "6")
@@ -31,12 +35,17 @@ def test_generate_default_names_paris():
     assert "Paris" in _last_json(proc)["text"]
 
 
+LOADS_DEFAULT = pytest.mark.slow  # these error cases load the real default model first
+
+
 @pytest.mark.parametrize("args,message", [
     (["info", "--model", "./missing-folder"], "not a folder"),
     (["info", "--model", "some-org/some-model"], "Hugging Face Hub"),
-    (["eval", "--model", "default", "--data", "nope.txt"], "data file not found"),
-    (["generate", "--model", "default", "--prompt", ""], "prompt is empty"),
-    (["generate", "--model", "default", "--prompt", "hi", "--max-new-tokens", "-3"], "max new tokens"),
+    pytest.param(["eval", "--model", "default", "--data", "nope.txt"], "data file not found",
+                 marks=LOADS_DEFAULT),
+    pytest.param(["generate", "--model", "default", "--prompt", ""], "prompt is empty", marks=LOADS_DEFAULT),
+    pytest.param(["generate", "--model", "default", "--prompt", "hi", "--max-new-tokens", "-3"],
+                 "max new tokens", marks=LOADS_DEFAULT),
     (["info"], "--model"),
     (["frobnicate"], "invalid choice"),
 ])

@@ -20,7 +20,8 @@ def _positions(region_start, blocks, stream):
 
 def test_builtin_is_large_and_splits_never_overlap(tokenizer):
     stream = data.token_stream("builtin", tokenizer)
-    outside_validation = len(data.split_region(stream, "train")) + len(data.split_region(stream, "calibration"))
+    outside_validation = (len(data.split_region(stream, "train"))
+                          + len(data.split_region(stream, "calibration")))
     assert outside_validation >= 100_000
     # The three regions tile the stream exactly, in order.
     regions = [data.split_region(stream, s) for s in ("train", "calibration", "validation")]
@@ -79,6 +80,7 @@ def test_bad_files(tokenizer, tmp_path, content, suffix, message):
         data.blocks(str(path), tokenizer, "train", 1, 8)
 
 
+@pytest.mark.slow
 def test_unknown_and_missing_sources(tokenizer, tmp_path):
     with pytest.raises(UserError, match="unknown data source"):
         data.texts("nowhere")

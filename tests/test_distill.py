@@ -1,4 +1,4 @@
-"""Distillation: chunked losses against full-logit references, exact resume, the CLI's checks."""
+"""Distillation: the student's own loss, exact resume, the CLI's checks (losses: test_losses.py)."""
 
 from __future__ import annotations
 
@@ -7,84 +7,12 @@ import json
 
 import pytest
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from compact import distill, losses, models
+from compact import distill, models
 from compact.arch import for_model
 from compact.errors import Cancelled
-from tests.conftest import FAMILIES, run_cli
-
-
-# -- losses ----------------------------------------------------------------------------------
-
-def _reference_kd(zs, zt, temperature):
-    log_q = F.log_softmax(zs / temperature, -1)
-    log_p = F.log_softmax(zt / temperature, -1)
-    kl = F.kl_div(log_q.reshape(-1, zs.size(-1)), log_p.reshape(-1, zs.size(-1)), log_target=True,
-                  reduction="sum")
-    return kl * temperature ** 2 / zs[..., 0].numel()
-
-
-@pytest.mark.parametrize("chunk", [1, 3, 7, 1000])
-def test_kd_loss_chunks_equal_full_logits(chunk):
-    gen = torch.Generator().manual_seed(0)
-    zt = torch.randn(2, 7, 50, generator=gen, dtype=torch.float64) * 3
-    zs = torch.randn(2, 7, 50, generator=gen, dtype=torch.float64, requires_grad=True)
-    ref = _reference_kd(zs, zt, 2.0)
-    (g_ref,) = torch.autograd.grad(ref, zs)
-    got = losses.kd_loss(zs, zt, temperature=2.0, chunk=chunk)
-    (g_got,) = torch.autograd.grad(got * 1.0, zs)
-    assert torch.allclose(got.double(), ref, rtol=1e-5, atol=1e-7)
-    assert torch.allclose(g_got, g_ref, rtol=1e-5, atol=1e-9)
-
-
-def test_kd_loss_of_identical_logits_is_zero():
-    z = torch.randn(3, 5, 40)
-    assert losses.kd_loss(z.clone().requires_grad_(), z, 1.5).item() == 0.0
-
-
-@pytest.mark.parametrize("chunk", [1, 4, 64])
-def test_head_losses_chunked_equal_full_logits(chunk):
-    """KD + CE from hidden states, chunk by chunk, equals the full-logit computation: values and
-    the gradients for the student's states, head weight and bias."""
-    gen = torch.Generator().manual_seed(1)
-    n, hs, ht, v, temp, kw, cw = 11, 6, 9, 37, 2.0, 0.7, 0.4
-    h = torch.randn(n, hs, generator=gen, dtype=torch.float64, requires_grad=True)
-    w = torch.randn(v, hs, generator=gen, dtype=torch.float64, requires_grad=True)
-    b = torch.randn(v, generator=gen, dtype=torch.float64, requires_grad=True)
-    th, tw = torch.randn(n, ht, generator=gen, dtype=torch.float64), torch.randn(v, ht, generator=gen, dtype=torch.float64)
-    labels = torch.randint(0, v, (n,), generator=gen)
-    labels[2] = losses.IGNORE_INDEX
-
-    zs = h @ w.T + b
-    ref_kd = _reference_kd(zs, th @ tw.T, temp)
-    ref_ce = F.cross_entropy(zs, labels, ignore_index=losses.IGNORE_INDEX)
-    ref = kw * ref_kd + cw * ref_ce
-    ref_grads = torch.autograd.grad(ref, (h, w, b))
-
-    total, kd, ce = losses.head_losses(h, w, b, labels, th, tw, None, temp, kw, cw, chunk)
-    grads = torch.autograd.grad(total, (h, w, b))
-    assert torch.allclose(kd.double(), ref_kd, rtol=1e-5) and torch.allclose(ce.double(), ref_ce, rtol=1e-5)
-    assert torch.allclose(total.double(), ref, rtol=1e-5)
-    for got, want in zip(grads, ref_grads):
-        assert torch.allclose(got, want, rtol=1e-5, atol=1e-8)
-    assert not kd.requires_grad and not ce.requires_grad
-
-
-def test_head_losses_without_teacher_is_cross_entropy_and_no_grad_in_eval():
-    h, w = torch.randn(5, 4), torch.randn(20, 4)
-    labels = torch.randint(0, 20, (5,))
-    with torch.no_grad():
-        total, kd, ce = losses.head_losses(h, w, None, labels, kd_weight=1.0, ce_weight=0.0)
-    assert kd.item() == 0.0 and torch.allclose(ce, F.cross_entropy(h @ w.T, labels))
-
-
-def test_state_pairs_end_on_the_final_norm():
-    assert losses.state_pairs(4, 4) == [(1, 1), (2, 2), (3, 3), (4, 4)]
-    assert losses.state_pairs(2, 6) == [(1, 3), (2, 6)]
-    # depth-pruned student: block inputs pair with the teacher blocks they came from
-    assert distill.state_pairs(3, 6, kept_layers=[0, 2, 5]) == [(1, 2), (2, 5), (3, 6)]
+from tests.helpers import FAMILIES, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -162,6 +90,7 @@ def _steps(folder):
     return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_interrupted_and_resumed_run_ends_bit_identical(tmp_path, pair, tokenizer):
     """Uninterrupted vs cancelled at step 2 + resumed vs crashed after the step-2 checkpoint +
     resumed: the same weights (torch.equal, every tensor) and the same per-step losses."""
@@ -215,15 +144,18 @@ def test_run_checks_its_inputs(tmp_path, pair, tokenizer, make_model):
     teacher, student, _ = pair
     t = _loaded(teacher, tokenizer, "t")
     with pytest.raises(models.UserError, match="token budget"):
-        distill.run(_config(pair, tmp_path / "a", tokens=0), teacher=t, student=_loaded(student, tokenizer, "s"))
+        distill.run(_config(pair, tmp_path / "a", tokens=0), teacher=t,
+                    student=_loaded(student, tokenizer, "s"))
     with pytest.raises(models.UserError, match="do not fill one optimizer step"):
-        distill.run(_config(pair, tmp_path / "b", tokens=64), teacher=t, student=_loaded(student, tokenizer, "s"))
+        distill.run(_config(pair, tmp_path / "b", tokens=64), teacher=t,
+                    student=_loaded(student, tokenizer, "s"))
     other = make_model("llama", seed=2, layers=1)
     other.resize_token_embeddings(len(tokenizer) + 8)
     with pytest.raises(models.UserError, match="vocabularies differ"):
         distill.run(_config(pair, tmp_path / "c"), teacher=t, student=_loaded(other, tokenizer, "s"))
 
 
+@pytest.mark.slow
 def test_a_few_steps_lower_the_validation_loss_of_a_pruned_model(tmp_path, make_model, tokenizer, text_file):
     """A tiny model with 2 of its 4 layers cut, distilled for 6 steps toward its teacher. The
     random teacher is first corrected (fine-tuned on the data, 2408.11796), so that it knows
@@ -279,6 +211,8 @@ def _distill_args(f, out, *extra):
             "--eval-tokens", "256", *extra]
 
 
+@pytest.mark.cli
+@pytest.mark.slow
 def test_cli_distills_and_guards_the_output_folder(cli_files):
     out = cli_files["root"] / "run"
     proc = run_cli(*_distill_args(cli_files, out, "--ce-weight", "0.5"))
@@ -303,6 +237,7 @@ def test_cli_distills_and_guards_the_output_folder(cli_files):
     ("zero", "token budget must be positive"),
     ("empty-resume", "nothing to resume"),
 ])
+@pytest.mark.cli
 def test_cli_bad_inputs_exit_2_with_one_line(cli_files, case, message):
     f = dict(cli_files)
     out = f["root"] / f"bad-{case}"

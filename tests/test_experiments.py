@@ -5,7 +5,7 @@ import pytest
 from compact import experiments, runs
 from compact.errors import UserError
 from compact.shapes import Shape, shape_error
-from tests.conftest import run_cli
+from tests.helpers import run_cli
 
 SMOLLM2 = Shape(layers=30, hidden=576, ffn=1536, heads=9, kv_heads=3, head_dim=64, vocab=49152,
                 hidden_divisible_by_heads=True)
@@ -37,6 +37,7 @@ def test_unreachable_budget_is_a_user_error():
         experiments.solve_targets(SMOLLM2, ("heads",), int(SMOLLM2.params * 0.999))
 
 
+@pytest.mark.slow
 def test_experiments_end_to_end_on_a_tiny_model(tiny_checkpoint, tmp_path, monkeypatch):
     monkeypatch.setenv("COMPACT_RUNS_DB", str(tmp_path / "runs.sqlite"))
     corpus = tmp_path / "corpus.txt"
@@ -51,7 +52,8 @@ def test_experiments_end_to_end_on_a_tiny_model(tiny_checkpoint, tmp_path, monke
     rows = {r["arm"]: r for r in result["rows"]}
     assert set(rows) == {"original", "depth", "mlp", "random init (width shape)"}
     assert rows["depth"]["layers"] < 4 and rows["mlp"]["ffn"] < 128 and rows["mlp"]["layers"] == 4
-    assert all(r["loss_after"] is not None and r["loss_before"] > 0 for k, r in rows.items() if k != "original")
+    assert all(r["loss_after"] is not None and r["loss_before"] > 0
+               for k, r in rows.items() if k != "original")
     assert (tmp_path / "axis" / "results.md").read_text().count("\n|") >= 5
     recorded = runs.RunStore().list()
     assert len(recorded) == 3 and {r["status"] for r in recorded} == {"succeeded"}
@@ -62,6 +64,7 @@ def test_experiments_end_to_end_on_a_tiny_model(tiny_checkpoint, tmp_path, monke
     assert json.loads((tmp_path / "kd" / "results.json").read_text())["rows"][0]["tokens"] > 0
 
 
+@pytest.mark.cli
 def test_experiment_cli_rejects_bad_budgets(tiny_checkpoint, tmp_path):
     proc = run_cli("experiment", "axis-ablation", "--model", str(tiny_checkpoint("llama")),
                    "--out", str(tmp_path / "x"), "--keep", "1.5")

@@ -1,6 +1,6 @@
 """Faults the app survives: a job out of memory, and a server restart.
 
-One real server (tests/app_server.py) runs importance (succeeds) and a distillation whose batch
+One real server (ui/server.py) runs importance (succeeds) and a distillation whose batch
 really asks for far more memory than the machine has (the CPU allocator refuses it at once:
 ~150 GB of activations, nothing is mocked). The job is recorded as failed with the reason and
 the server keeps serving. The server is then stopped and started again on the same data: the
@@ -16,8 +16,10 @@ import pytest
 from gradio_client import Client
 from gradio_client.exceptions import AppError
 
-from app_server import serve
 from compact import runs
+from ui.server import serve
+
+pytestmark = [pytest.mark.app, pytest.mark.slow]
 
 HUGE_BATCH = 2**20  # x 64 tokens x 576 channels x 4 bytes: 154 GB for one activation
 
@@ -42,7 +44,8 @@ def test_out_of_memory_then_restart_keeps_every_run(tmp_path):
                                      api_name="/generate")
         assert "Paris" in text
         rows = runs.RunStore(tmp_path / "runs.sqlite").list()
-        assert [(r["kind"], r["status"]) for r in rows] == [("distill", "failed"), ("importance", "succeeded")]
+        assert [(r["kind"], r["status"]) for r in rows] == [("distill", "failed"),
+                                                            ("importance", "succeeded")]
         assert rows[0]["error"].startswith("OutOfMemory: out of memory in distill")
         assert "can't allocate memory" in rows[0]["error"] or "CUDA out of memory" in rows[0]["error"]
         session = client.session_hash
@@ -51,7 +54,8 @@ def test_out_of_memory_then_restart_keeps_every_run(tmp_path):
         same = Client(url, verbose=False)
         same.session_hash = session
         table = same.predict(api_name="/runs")
-        listed = {r[table["headers"].index("kind")]: dict(zip(table["headers"], r)) for r in table["data"]}
+        listed = {r[table["headers"].index("kind")]: dict(zip(table["headers"], r, strict=True))
+                  for r in table["data"]}
         assert set(listed) == {"importance", "distill"}
         assert listed["importance"]["status"] == "succeeded" and listed["importance"]["artifact_exists"]
         assert listed["importance"]["artifact"] == str(scores) and digest(scores) == before

@@ -8,67 +8,8 @@ from safetensors.torch import save_file
 
 from compact import arch as arch_mod
 from compact import importance
-from compact.arch import weight_oi
 from compact.errors import UserError
-from tests.conftest import FAMILIES
-
-SEQ = 24
-
-
-def calib(vocab: int, n: int = 6, seed: int = 1) -> torch.Tensor:
-    return torch.randint(0, vocab, (n, SEQ), generator=torch.Generator().manual_seed(seed))
-
-
-def _zero(module, rows=None) -> None:
-    """Zero output rows (all when None) of a linear layer's weight and bias."""
-    with torch.no_grad():
-        w = weight_oi(module)
-        sl = slice(None) if rows is None else rows
-        w[sl] = 0
-        if getattr(module, "bias", None) is not None:
-            module.bias[sl] = 0
-
-
-def kill_head(model, layer: int, head: int) -> None:
-    """Zero the head's values, so its attention output (the o_proj input) is exactly zero.
-
-    Only possible for a single head when it has its own V (kv_heads == heads)."""
-    a = arch_mod.for_model(model)
-    s = a.shape(model.config)
-    assert s.kv_heads == s.heads
-    block = a.blocks(model)[layer]
-    rows = slice(head * s.head_dim, (head + 1) * s.head_dim)
-    if a.family == "gpt2":
-        offset = 2 * s.heads * s.head_dim
-        _zero(block.attn.c_attn, slice(offset + rows.start, offset + rows.stop))
-    else:
-        _zero(block.self_attn.v_proj, rows)
-
-
-def kill_neuron(model, layer: int, neuron: int) -> None:
-    """Zero the neuron's up projection (GPT-2: c_fc): act(gate) * 0 = 0, gelu(0) = 0."""
-    a = arch_mod.for_model(model)
-    block = a.blocks(model)[layer]
-    _zero(block.mlp.c_fc if a.family == "gpt2" else block.mlp.up_proj, [neuron])
-
-
-def kill_channel_readout(model, channel: int) -> None:
-    """Zero the channel in every residual norm (weight and bias): all norm outputs are 0 there."""
-    a = arch_mod.for_model(model)
-    norms = [n for b in a.blocks(model) for n in a.block_norms(b)] + [a.final_norm(model)]
-    with torch.no_grad():
-        for norm in norms:
-            norm.weight[channel] = 0
-            if getattr(norm, "bias", None) is not None:
-                norm.bias[channel] = 0
-
-
-def make_identity(model, layer: int) -> None:
-    """Zero both writers of the block into the residual stream: the block returns its input."""
-    a = arch_mod.for_model(model)
-    block = a.blocks(model)[layer]
-    _zero(a.attn_out(block))
-    _zero(a.mlp_out(block))
+from tests.helpers import FAMILIES, SEQ, calib, kill_channel_readout, kill_head, kill_neuron, make_identity
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -6,7 +6,7 @@ from transformers import AutoModelForCausalLM, BertConfig, BertForMaskedLM
 
 from compact import arch, models
 from compact.errors import UserError
-from tests.conftest import FAMILIES
+from tests.helpers import FAMILIES
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -38,10 +38,12 @@ def test_adapter_names_every_block_part(family, make_model):
     assert (a.pos_embed(model) is not None) == (family == "gpt2")
 
 
+@pytest.mark.slow
 def test_default_model_shape_and_answer():
     loaded = models.load("default")
     info = loaded.info()
-    assert (info["layers"], info["hidden"], info["heads"], info["kv_heads"], info["ffn"]) == (30, 576, 9, 3, 1536)
+    assert ((info["layers"], info["hidden"], info["heads"], info["kv_heads"], info["ffn"])
+            == (30, 576, 9, 3, 1536))
     assert info["params"] == 134_515_008 == loaded.shape.params
     assert info["dtype"] == "float32" and info["device"] == "cpu"
     from compact import evaluate
@@ -50,6 +52,7 @@ def test_default_model_shape_and_answer():
     assert "Paris" in out["text"]
 
 
+@pytest.mark.slow
 def test_default_cache_reloads_in_plain_transformers():
     folder = models._default_folder()
     plain = AutoModelForCausalLM.from_pretrained(folder)

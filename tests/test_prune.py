@@ -13,8 +13,7 @@ from compact import arch as arch_mod
 from compact import importance, models, prune
 from compact.arch import weight_oi
 from compact.errors import UserError
-from tests.conftest import FAMILIES, run_cli
-from tests.test_importance import _zero, calib, kill_head, make_identity
+from tests.helpers import FAMILIES, calib, calib_text, make_identity, run_cli, zero_rows
 
 ATOL = 1e-5
 
@@ -28,7 +27,10 @@ def fake_scores(model, seed: int = 0) -> importance.Scores:
     """Random positive scores of the model's shape, for tests that plant the ranking."""
     s = arch_mod.for_model(model).shape(model.config)
     g = torch.Generator().manual_seed(seed)
-    r = lambda *size: torch.rand(*size, generator=g) + 1
+
+    def r(*size):
+        return torch.rand(*size, generator=g) + 1
+
     per_layer = r(s.layers, s.hidden)
     return importance.Scores(r(s.layers, s.heads), r(s.layers, s.ffn), per_layer.sum(0) + r(s.hidden),
                              per_layer, {"bi": r(s.layers), "ppl": r(s.layers)},
@@ -121,7 +123,7 @@ def test_channel_pruning_equals_norms_over_kept_channels(family, make_model, tok
     reference = with_kept_channel_norms(model, plan.channels)
     if family == "gpt2":  # a head went with the channels: silence it in the reference
         ra = arch_mod.for_model(reference)
-        for block, kept in zip(ra.blocks(reference), plan.heads):
+        for block, kept in zip(ra.blocks(reference), plan.heads, strict=True):
             for h in set(range(s.heads)) - set(kept):
                 with torch.no_grad():
                     weight_oi(ra.attn_out(block))[:, h * s.head_dim:(h + 1) * s.head_dim] = 0
@@ -143,8 +145,8 @@ def test_dead_channels_of_rmsnorm_models(family, make_model, tokenizer):
     with torch.no_grad():
         a.embed(model).weight[:, dead] = 0
         for block in a.blocks(model):
-            _zero(a.attn_out(block), dead)
-            _zero(a.mlp_out(block), dead)
+            zero_rows(a.attn_out(block), dead)
+            zero_rows(a.mlp_out(block), dead)
     scores = fake_scores(model)
     scores.channels_per_layer[:, dead] = 0
     scores.channels[dead] = 0
@@ -286,19 +288,12 @@ def test_scores_of_another_model_are_refused(make_model):
         prune.plan(None, _source(), ffn=64)
 
 
-def text_file(tmp_path):
-    """A small calibration text (the builtin corpus takes ~15 s to tokenize on first use)."""
-    path = tmp_path / "calib.txt"
-    path.write_text("\n\n".join(f"Paragraph {i}: the quick brown fox jumps over the lazy dog, "
-                                  f"and the model learns which of its parts matter most. " * 4
-                                  for i in range(60)))
-    return path
-
-
+@pytest.mark.cli
+@pytest.mark.slow
 def test_cli_importance_then_prune(tiny_checkpoint, tmp_path):
     ckpt = str(tiny_checkpoint("qwen2"))
     scores_file = tmp_path / "scores.safetensors"
-    proc = run_cli("importance", "--model", ckpt, "--data", str(text_file(tmp_path)), "--samples", "4",
+    proc = run_cli("importance", "--model", ckpt, "--data", str(calib_text(tmp_path)), "--samples", "4",
                    "--seq-len", "32", "--depth-ppl", "--out", str(scores_file))
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -332,10 +327,11 @@ def test_cli_bad_targets_exit_2(args, message, tiny_checkpoint, tmp_path, capsys
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.slow
 def test_default_model_pruned_reloads_and_generates(tmp_path):
     loaded = models.load("default")
     from compact import data
-    blocks = data.blocks(str(text_file(tmp_path)), loaded.tokenizer, "calibration", 4, 64)
+    blocks = data.blocks(str(calib_text(tmp_path)), loaded.tokenizer, "calibration", 4, 64)
     scores = importance.estimate(loaded.model, blocks, batch_size=4)
     summary = prune.prune_and_save(loaded, scores, tmp_path / "small", heads=6, ffn=1024)
     expected = loaded.shape.with_targets(heads=6, ffn=1024)
@@ -367,7 +363,6 @@ def test_multi_head_attention_prunes_kv_with_heads(make_model, tokenizer):
 
 def test_llama_hidden_must_stay_a_multiple_of_heads(make_model, tmp_path):
     # transformers' LlamaConfig refuses hidden % heads != 0 at load time, so prune must refuse first.
-    from compact import models as models_mod
     from compact.errors import UserError
     from compact.prune import resolve_targets
     from compact.search import candidates

@@ -6,7 +6,7 @@ import pytest
 
 from compact import runs
 from compact.errors import Cancelled, UserError
-from tests.conftest import ROOT, run_cli
+from tests.helpers import ROOT, run_cli
 
 
 def test_store_records_and_survives_reopen(tmp_path):
@@ -23,10 +23,12 @@ def test_store_records_and_survives_reopen(tmp_path):
         raise Cancelled("stopped", {"steps": 2})
     reopened = runs.RunStore(db)
     rows = {r["id"]: r for r in reopened.list()}
-    assert [r["status"] for r in sorted(rows.values(), key=lambda r: r["id"])] == ["succeeded", "failed", "cancelled"]
+    assert ([r["status"] for r in sorted(rows.values(), key=lambda r: r["id"])]
+            == ["succeeded", "failed", "cancelled"])
     first = reopened.get(min(rows))
     assert first["metrics"] == {"ppl": 12.5} and first["shape"] == {"layers": 30} and first["params"] == 100
-    assert first["inputs"] == {"ffn": 512} and first["artifact"] == "/x" and first["finished"] >= first["started"]
+    assert (first["inputs"] == {"ffn": 512} and first["artifact"] == "/x"
+            and first["finished"] >= first["started"])
     assert "out of memory" in rows[min(rows) + 1]["error"]
     assert [r["base_model"] for r in reopened.list(base_model="other")] == ["other"]
 
@@ -49,6 +51,8 @@ def test_killed_process_is_recorded_as_crashed(tmp_path):
     assert len(rows) == 1 and rows[0]["status"] == "crashed"
 
 
+@pytest.mark.cli
+@pytest.mark.slow
 def test_cli_jobs_are_recorded(tmp_path, tiny_checkpoint):
     env = {"COMPACT_RUNS_DB": str(tmp_path / "cli.sqlite")}
     ckpt = str(tiny_checkpoint("llama"))
@@ -70,7 +74,8 @@ def test_pareto_front_and_quality_points():
     ok = {"status": "succeeded", "params": 5, "metrics": {"ppl": 3.0, "val_ppl_after": 2.0}}
     assert runs.quality_point(ok) == (5, 2.0)
     assert runs.quality_point({**ok, "status": "failed"}) is None
-    assert runs.quality_point({"status": "succeeded", "params": None, "metrics": {"params": 7, "ppl_after": 4}}) == (7, 4.0)
+    assert runs.quality_point({"status": "succeeded", "params": None,
+                               "metrics": {"params": 7, "ppl_after": 4}}) == (7, 4.0)
     assert runs.quality_point({"status": "succeeded", "params": 5, "metrics": {}}) is None
 
 

@@ -8,9 +8,7 @@ from compact import arch as arch_mod
 from compact import importance, search
 from compact.errors import UserError
 from compact.shapes import Shape
-from tests.conftest import run_cli
-from tests.test_importance import calib
-from tests.test_prune import text_file
+from tests.helpers import calib, calib_text, run_cli
 
 SMOL = Shape(30, 576, 1536, 9, 3, 64, 49152)
 
@@ -26,8 +24,8 @@ def test_candidates_lie_within_the_budget_and_on_the_grid():
     gaps = [abs(s.params - target) for s in found]
     assert gaps == sorted(gaps)
     # Every grid point in the budget is found: brute force over the same grid agrees.
-    brute = {SMOL.with_targets(layers=l, hidden=h, ffn=f, heads=n)
-             for l in range(15, 31) for h in range(320, 577, 64) for f in range(768, 1537, 64)
+    brute = {SMOL.with_targets(layers=d, hidden=h, ffn=f, heads=n)
+             for d in range(15, 31) for h in range(320, 577, 64) for f in range(768, 1537, 64)
              for n in (6, 9)}
     assert set(found) == {s for s in brute if abs(s.params - target) <= 0.05 * target}
 
@@ -76,9 +74,10 @@ def test_rank_prunes_each_shape_and_sorts_by_loss(make_model, tokenizer):
     assert by_shape[(4, 128)]["loss"] == pytest.approx(loss_on(model, blocks))
 
 
+@pytest.mark.cli
 def test_cli_search(tiny_checkpoint, tmp_path):
     proc = run_cli("search", "--model", str(tiny_checkpoint("llama")), "--params", "0.8",
-                   "--data", str(text_file(tmp_path)),
+                   "--data", str(calib_text(tmp_path)),
                    "--tolerance", "0.1", "--hidden-step", "16", "--ffn-step", "32", "--top", "3",
                    "--samples", "2", "--seq-len", "32")
     assert proc.returncode == 0, proc.stderr
@@ -97,7 +96,8 @@ def test_rank_after_short_distillation(make_model, tokenizer, tmp_path):
     blocks = calib(len(tokenizer), n=2)
     scores = importance.estimate(model, blocks, batch_size=2)
     shapes = [arch_mod.for_model(model).shape(model.config).with_targets(ffn=64)]
-    adapt = search.distill_adapter(teacher, str(text_file(tmp_path)), tokens=64, seq_len=16, batch=2, lr=1e-2)
+    adapt = search.distill_adapter(teacher, str(calib_text(tmp_path)), tokens=64, seq_len=16, batch=2,
+                                   lr=1e-2)
     plain = search.rank(model, scores, shapes, blocks)[0]
     adapted = search.rank(model, scores, shapes, blocks, adapt=adapt)[0]
     # The candidate was trained before scoring (its loss moved) and the teacher was left alone.

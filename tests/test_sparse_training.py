@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM
 from compact import distill, models, sparse_training, sparsity
 from compact.arch import weight_oi
 from compact.errors import Cancelled, UserError
-from tests.conftest import run_cli
+from tests.helpers import run_cli
 
 
 def test_decay_schedule_hand_values():
@@ -64,7 +64,7 @@ def test_ast_adamw_hand_values():
     w = torch.nn.Parameter(torch.tensor([w0], dtype=torch.float64))
     opt = sparse_training.AstAdamW([{"params": [w]}], {w: keep}, lr=lr, betas=(b1, b2), eps=eps)
     expect, m, v = list(w0), [0.0] * 4, [0.0] * 4
-    for t, (lam, g) in enumerate(zip((0.5, 1.0), grads), start=1):
+    for t, (lam, g) in enumerate(zip((0.5, 1.0), grads, strict=True), start=1):
         w.grad = torch.tensor([g], dtype=torch.float64)
         opt.param_groups[0]["ast_decay"] = lam
         opt.step()
@@ -137,7 +137,8 @@ def test_mask_update_and_flip_rates(make_model):
     assert hooks.last["flip_init"] == 0.0
 
 
-@pytest.mark.parametrize("margin, kept", [(0.0, [True, True, False, False]), (0.05, [False, True, True, False])])
+@pytest.mark.parametrize("margin, kept", [(0.0, [True, True, False, False]),
+                                          (0.05, [False, True, True, False])])
 def test_mask_margin_keeps_near_ties(make_model, margin, kept):
     model, hooks = _prepared(make_model, mask_interval=1, mask_margin=margin)
     name, mod = next(iter(hooks.linears.items()))
@@ -199,6 +200,7 @@ def _run(cfg, teacher, student_model, tokenizer, should_stop=None):
     return hooks, result
 
 
+@pytest.mark.slow
 def test_resume_is_exact_and_slorb_checkpoint_reloads(make_model, tokenizer, tmp_path, text_file):
     dense = make_model("llama")
     teacher = _loaded(copy.deepcopy(dense), tokenizer)
@@ -221,9 +223,11 @@ def test_resume_is_exact_and_slorb_checkpoint_reloads(make_model, tokenizer, tmp
         assert torch.equal(full.masks[name], resumed.masks[name]), name
         assert torch.equal(full.initial[name], resumed.initial[name]), name
     assert full.last == resumed.last and full.last["flip_init"] > 0  # masks did move
-    a, b = load_file(str(tmp_path / "full/model.safetensors")), load_file(str(tmp_path / "cut/model.safetensors"))
+    a = load_file(str(tmp_path / "full/model.safetensors"))
+    b = load_file(str(tmp_path / "cut/model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    sa, sb = load_file(str(tmp_path / "full/slorb.safetensors")), load_file(str(tmp_path / "cut/slorb.safetensors"))
+    sa = load_file(str(tmp_path / "full/slorb.safetensors"))
+    sb = load_file(str(tmp_path / "cut/slorb.safetensors"))
     assert sa.keys() == sb.keys() and len(sa) == 28 and all(torch.equal(sa[k], sb[k]) for k in sa)
     assert not any("slorb" in k for k in a)
 
@@ -252,6 +256,8 @@ def test_resume_with_other_ast_settings_is_refused(make_model, tokenizer, tmp_pa
         _run(other, teacher, copy.deepcopy(dense), tokenizer)
 
 
+@pytest.mark.cli
+@pytest.mark.slow
 def test_cli_sparsify_ast(tiny_checkpoint, tmp_path, text_file):
     out = tmp_path / "ast"
     proc = run_cli("sparsify", "--model", str(tiny_checkpoint("qwen3")), "--out", str(out), "--method", "ast",

@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM
 from compact import models, sparsity
 from compact.arch import for_model, weight_oi
 from compact.errors import Cancelled, UserError
-from tests.conftest import FAMILIES, run_cli
+from tests.helpers import FAMILIES, run_cli
 
 
 def _groups_nonzero(w_oi: torch.Tensor, m: int) -> torch.Tensor:
@@ -132,7 +132,8 @@ def _reconstruction_error(dense, pruned, calib) -> float:
     dense_w = {n: weight_oi(m).detach().clone() for n, m in sparsity.target_linears(dense).items()}
     for name, mod in sparsity.target_linears(pruned).items():
         handles.append(mod.register_forward_hook(
-            lambda _m, inp, _o, name=name: inputs.setdefault(name, []).append(inp[0].reshape(-1, inp[0].shape[-1]))))
+            lambda _m, inp, _o, name=name: inputs.setdefault(name, []).append(
+                inp[0].reshape(-1, inp[0].shape[-1]))))
     with torch.no_grad():
         pruned(calib)
     for h in handles:
@@ -194,7 +195,8 @@ def test_slorb_forward_matches_the_papers_formula():
         lin.weight.mul_(keep)
     w = torch.randn(3, 16)
     s = sparsity.slorb_init(w, sparsity.nm_mask(w, 2, 4), 8)
-    by_hand = torch.stack([torch.stack([(w[r, g * 8:(g + 1) * 8] * ~sparsity.nm_mask(w, 2, 4)[r, g * 8:(g + 1) * 8]).sum() / 8
+    dropped = ~sparsity.nm_mask(w, 2, 4)
+    by_hand = torch.stack([torch.stack([(w[r, g * 8:(g + 1) * 8] * dropped[r, g * 8:(g + 1) * 8]).sum() / 8
                                         for g in range(2)]) for r in range(3)])
     assert torch.allclose(s, by_hand)
     x = torch.randn(5, 16)
@@ -238,6 +240,7 @@ def test_semi_structured_needs_cuda(make_model):
 
 # ------------------------------------------------------------------------- real model, CLI
 
+@pytest.mark.slow
 def test_default_model_magnitude_2_4():
     loaded = models.load("default", device="cpu")
     sparsity.one_shot(loaded.model, "magnitude")
@@ -245,13 +248,15 @@ def test_default_model_magnitude_2_4():
     assert res["ok"] and len(res["layers"]) == 30 * 7 and res["sparsity"] == pytest.approx(0.5, abs=1e-3)
 
 
+@pytest.mark.cli
 def test_cli_sparsify_wanda(tiny_checkpoint, tmp_path):
     words = ["sparse", "weights", "the", "model", "mask", "group", "of", "four", "keeps", "two", "calibrate"]
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n\n".join(" ".join(words[(i * 5 + j) % len(words)] for j in range(10)) + f" {i}."
                                     for i in range(800)))
     out = tmp_path / "sparse"
-    proc = run_cli("sparsify", "--model", str(tiny_checkpoint("gpt2")), "--out", str(out), "--data", str(corpus),
+    proc = run_cli("sparsify", "--model", str(tiny_checkpoint("gpt2")), "--out", str(out),
+                   "--data", str(corpus),
                    "--method", "wanda", "--samples", "8", "--seq-len", "64", "--eval-tokens", "1024")
     assert proc.returncode == 0, proc.stderr
     res = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -265,6 +270,7 @@ def test_cli_sparsify_wanda(tiny_checkpoint, tmp_path):
 
 @pytest.mark.parametrize("pattern,message", [("3:2", "not valid"), ("0:4", "not valid"),
                                              ("1:3", "not divisible")])
+@pytest.mark.cli
 def test_cli_bad_pattern_exits_2(pattern, message, tiny_checkpoint, tmp_path):
     proc = run_cli("sparsify", "--model", str(tiny_checkpoint("llama")), "--out", str(tmp_path / "x"),
                    "--method", "magnitude", "--pattern", pattern)

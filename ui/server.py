@@ -1,4 +1,8 @@
-"""The real app (python app.py) in a subprocess on a free port, for test_app and test_browser."""
+"""The real app (python app.py) in a subprocess on a free port, loopback only.
+
+For the tests that drive the server (tests/test_app.py, test_browser, test_bad_input,
+test_faults) and the benchmarks that time it (bench/bench_app.py, bench/load_test.py).
+"""
 
 from __future__ import annotations
 

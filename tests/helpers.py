@@ -1,0 +1,139 @@
+"""What several test files share: tiny models, planted dead parts, calibration data, the CLI.
+
+Fixtures built on these live in conftest.py; test files import the rest from here
+(`from tests.helpers import ...`), never from conftest or from one another.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    GPT2Config,
+    LlamaConfig,
+    MistralConfig,
+    Qwen2Config,
+    Qwen3Config,
+)
+
+from compact import arch as arch_mod
+from compact.arch import weight_oi
+
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gpt2"]
+ROOT = Path(__file__).resolve().parents[1]
+SEQ = 24  # tokens per calibration block of calib()
+
+
+# -- tiny random-weight models ---------------------------------------------------------------
+
+def tiny_config(family: str, vocab: int, layers: int = 4, hidden: int = 64, heads: int = 4,
+                kv_heads: int = 2, ffn: int = 128, head_dim: int = 16):
+    common = dict(vocab_size=vocab, tie_word_embeddings=family in ("llama", "gpt2", "qwen3"))
+    if family == "gpt2":
+        return GPT2Config(n_layer=layers, n_embd=hidden, n_head=heads, n_inner=ffn, n_positions=256,
+                          resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **common)
+    cls = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config}[family]
+    return cls(num_hidden_layers=layers, hidden_size=hidden, num_attention_heads=heads,
+               num_key_value_heads=kv_heads, intermediate_size=ffn, head_dim=head_dim,
+               max_position_embeddings=256, **common)
+
+
+def randomize_norms(model) -> None:
+    """Give norms non-trivial weights so that a wrongly sliced norm changes the logits."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or ".ln_" in name or "ln_f" in name:
+                p.uniform_(0.5, 1.5) if name.endswith("weight") else p.uniform_(-0.1, 0.1)
+            elif name.endswith("bias"):
+                p.uniform_(-0.1, 0.1)
+
+
+def tiny_model(family: str, vocab: int, seed: int = 0, **shape):
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(family, vocab, **shape), dtype=torch.float32)
+    randomize_norms(model)
+    return model.eval()
+
+
+# -- planted dead parts (importance must rank them lowest; pruning them is exact) ------------
+
+def zero_rows(module, rows=None) -> None:
+    """Zero output rows (all when None) of a linear layer's weight and bias."""
+    with torch.no_grad():
+        w = weight_oi(module)
+        sl = slice(None) if rows is None else rows
+        w[sl] = 0
+        if getattr(module, "bias", None) is not None:
+            module.bias[sl] = 0
+
+
+def kill_head(model, layer: int, head: int) -> None:
+    """Zero the head's values, so its attention output (the o_proj input) is exactly zero.
+
+    Only possible for a single head when it has its own V (kv_heads == heads)."""
+    a = arch_mod.for_model(model)
+    s = a.shape(model.config)
+    assert s.kv_heads == s.heads
+    block = a.blocks(model)[layer]
+    rows = slice(head * s.head_dim, (head + 1) * s.head_dim)
+    if a.family == "gpt2":
+        offset = 2 * s.heads * s.head_dim
+        zero_rows(block.attn.c_attn, slice(offset + rows.start, offset + rows.stop))
+    else:
+        zero_rows(block.self_attn.v_proj, rows)
+
+
+def kill_neuron(model, layer: int, neuron: int) -> None:
+    """Zero the neuron's up projection (GPT-2: c_fc): act(gate) * 0 = 0, gelu(0) = 0."""
+    a = arch_mod.for_model(model)
+    block = a.blocks(model)[layer]
+    zero_rows(block.mlp.c_fc if a.family == "gpt2" else block.mlp.up_proj, [neuron])
+
+
+def kill_channel_readout(model, channel: int) -> None:
+    """Zero the channel in every residual norm (weight and bias): all norm outputs are 0 there."""
+    a = arch_mod.for_model(model)
+    norms = [n for b in a.blocks(model) for n in a.block_norms(b)] + [a.final_norm(model)]
+    with torch.no_grad():
+        for norm in norms:
+            norm.weight[channel] = 0
+            if getattr(norm, "bias", None) is not None:
+                norm.bias[channel] = 0
+
+
+def make_identity(model, layer: int) -> None:
+    """Zero both writers of the block into the residual stream: the block returns its input."""
+    a = arch_mod.for_model(model)
+    block = a.blocks(model)[layer]
+    zero_rows(a.attn_out(block))
+    zero_rows(a.mlp_out(block))
+
+
+# -- data ------------------------------------------------------------------------------------
+
+def calib(vocab: int, n: int = 6, seed: int = 1) -> torch.Tensor:
+    """n random token blocks of SEQ tokens."""
+    return torch.randint(0, vocab, (n, SEQ), generator=torch.Generator().manual_seed(seed))
+
+
+def calib_text(folder: Path) -> Path:
+    """A small calibration text (the builtin corpus takes ~15 s to tokenize on first use)."""
+    path = folder / "calib.txt"
+    path.write_text("\n\n".join(f"Paragraph {i}: the quick brown fox jumps over the lazy dog, "
+                                  f"and the model learns which of its parts matter most. " * 4
+                                  for i in range(60)))
+    return path
+
+
+# -- the command line ------------------------------------------------------------------------
+
+def run_cli(*args: str, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    """python -m compact ... as a real subprocess."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, "-m", "compact", *args], cwd=ROOT, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)
