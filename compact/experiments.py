@@ -15,7 +15,7 @@ from __future__ import annotations
 import copy
 import json
 import math
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -76,7 +76,8 @@ def solve_targets(shape: Shape, axes: tuple[str, ...], target_params: int, toler
         out = {a: _nearest(valid[a], getattr(shape, a) * f) for a in axes if a != "hidden"}
         if "hidden" in axes:  # hidden after heads: it may have to be a multiple of them
             heads = out.get("heads", shape.heads)
-            ok = [h for h in valid["hidden"] if shape_error(shape.with_targets(hidden=h, heads=heads)) is None]
+            ok = [h for h in valid["hidden"]
+                  if shape_error(shape.with_targets(hidden=h, heads=heads)) is None]
             out["hidden"] = _nearest(ok, shape.hidden * f)
         return out
 

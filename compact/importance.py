@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 from safetensors import safe_open
@@ -225,7 +225,7 @@ def estimate(model, blocks: torch.Tensor, batch_agg: str = "l2", seq_agg: str = 
         for i, block in enumerate(layers):
             handles.append(arch.attn_out(block).register_forward_pre_hook(on_heads(heads[i])))
             handles.append(arch.mlp_out(block).register_forward_pre_hook(on_input(neurons[i])))
-            for norm, stat in zip(arch.block_norms(block), norm_stats[i]):
+            for norm, stat in zip(arch.block_norms(block), norm_stats[i], strict=True):
                 handles.append(norm.register_forward_hook(on_output(stat)))
             handles.append(block.register_forward_hook(on_block(i), with_kwargs=True))
         handles.append(arch.final_norm(model).register_forward_hook(on_output(final_stat)))

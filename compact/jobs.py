@@ -10,8 +10,8 @@ builds, so `python -m compact <name> ...` and a click in the app do the same wor
 from __future__ import annotations
 
 import shlex
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from compact import distill, evaluate, experiments, importance, prune, search, sparsify
 from compact.options import from_args, to_argv

@@ -79,7 +79,8 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
     anyway) has the logits' size; the teacher gets no gradient.
     """
     if student_logits.shape != teacher_logits.shape:
-        raise ValueError(f"logit shapes differ: {tuple(student_logits.shape)} vs {tuple(teacher_logits.shape)}")
+        raise ValueError(f"logit shapes differ: {tuple(student_logits.shape)} "
+                         f"vs {tuple(teacher_logits.shape)}")
     want_grad = torch.is_grad_enabled() and student_logits.requires_grad
     return _ChunkedKL.apply(student_logits, teacher_logits, float(temperature), int(chunk), want_grad)
 

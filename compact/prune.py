@@ -354,7 +354,8 @@ class PruneConfig(TargetOptions, LoadOptions):
     heads: int | None = option(None, "query heads per layer to keep")
     samples: int = option(64, "calibration blocks")
     drop_layers: str | None = option(None, "explicit layers to drop, e.g. 3,5")
-    head_residual: bool = option(False, "fold pruned heads into kept ones (paper's head residual; off by default)")
+    head_residual: bool = option(False, "fold pruned heads into kept ones (the paper's head residual; "
+                                        "off by default)")
     eval_tokens: int = option(0, "validation tokens of --data scored before and after (0: none)")
 
     def targets(self) -> dict:

@@ -102,7 +102,8 @@ class RunStore:
             rows = db.execute("SELECT id, pid, artifact FROM runs WHERE status='running'"
                               " AND artifact IS NOT NULL").fetchall()
         for r in rows:
-            if Path(r["artifact"]).expanduser().resolve() == target and (r["pid"] is None or _alive(r["pid"])):
+            alive = r["pid"] is None or _alive(r["pid"])
+            if alive and Path(r["artifact"]).expanduser().resolve() == target:
                 return int(r["id"])
         return None
 
@@ -110,7 +111,8 @@ class RunStore:
         """Runs of this host left 'running' by a process that no longer exists."""
         host = socket.gethostname()
         with self._connect() as db:
-            rows = db.execute("SELECT id, pid FROM runs WHERE status='running' AND host=?", (host,)).fetchall()
+            rows = db.execute("SELECT id, pid FROM runs WHERE status='running' AND host=?",
+                              (host,)).fetchall()
             dead = [r["id"] for r in rows if r["pid"] is None or not _alive(r["pid"])]
             db.executemany("UPDATE runs SET status='crashed', error='process ended without finishing',"
                            " finished=? WHERE id=?", [(time.time(), i) for i in dead])

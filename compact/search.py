@@ -10,8 +10,8 @@ without it ranks one-shot, as NVIDIA's reference code does.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from compact.errors import Cancelled, UserError
 from compact.importance import Progress, Scores, StopCheck

@@ -53,7 +53,8 @@ def load() -> Settings:
     if auth and ":" not in auth:
         raise UserError("COMPACT_AUTH must be user:password")
     data_dir = Path(os.environ.get("COMPACT_DATA", "data")).resolve()
-    extra = [Path(p).expanduser().resolve() for p in os.environ.get("COMPACT_ALLOWED_DIRS", "").split(":") if p]
+    extra = [Path(p).expanduser().resolve()
+             for p in os.environ.get("COMPACT_ALLOWED_DIRS", "").split(":") if p]
     return Settings(
         host=os.environ.get("COMPACT_HOST", "127.0.0.1"),
         port=_int("COMPACT_PORT", 7860),

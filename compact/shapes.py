@@ -31,7 +31,7 @@ class Shape:
     # count, even with head_dim given, so a pruned Llama must keep hidden % heads == 0.
     hidden_divisible_by_heads: bool = False
 
-    def with_targets(self, layers=None, hidden=None, ffn=None, heads=None) -> "Shape":
+    def with_targets(self, layers=None, hidden=None, ffn=None, heads=None) -> Shape:
         """The shape after pruning to the given targets (None keeps an axis)."""
         new = replace(
             self,

@@ -233,7 +233,7 @@ class AstHooks(train.TrainHooks):
             mod.ast_mask.copy_(_stored(keep, mod).to(mod.ast_mask.dtype))
         self.last = {"flip_prev": prev / total, "flip_init": init / total}
 
-    def make_optimizer(self, params, cfg) -> "AstAdamW":
+    def make_optimizer(self, params, cfg) -> AstAdamW:
         masks = {mod.weight: mod.ast_mask for mod in self.linears.values()}
         return AstAdamW(train.param_groups(params, cfg), masks, lr=cfg.lr, betas=train.BETAS)
 

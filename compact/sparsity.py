@@ -23,9 +23,9 @@ base weights stay an ordinary transformers checkpoint.
 from __future__ import annotations
 
 import types
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -290,7 +290,7 @@ def one_shot(model, method: str, n: int = 2, m: int = 4, blocks: Tensor | None =
                 _replace(mod, spec.prune(weight_oi(mod), value, n, m), report, names[id(mod)])
             del stats
             if spec.statistic is not None:  # inputs of the next block come from this block pruned
-                hidden = [_run_block(block, h, call) for h, call in zip(hidden, calls[i])]
+                hidden = [_run_block(block, h, call) for h, call in zip(hidden, calls[i], strict=True)]
             if progress is not None:
                 progress((i + 1) / len(tblocks), f"{method} {n}:{m}: block {i + 1}/{len(tblocks)}")
         return report
@@ -305,7 +305,7 @@ def _block_statistics(block, linears: dict, hidden: list[Tensor], calls: list, s
     handles = [mod.register_forward_hook(lambda _m, inp, _o, s=stats[name]: s.add(inp[0]))
                for name, mod in linears.items()]
     try:
-        for h, call in zip(hidden, calls):
+        for h, call in zip(hidden, calls, strict=True):
             _run_block(block, h, call)
     finally:
         for h in handles:

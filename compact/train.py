@@ -400,7 +400,7 @@ def train(loop: Loop, forward: Callable[[torch.Tensor], dict], keys: tuple[str, 
             loop.step += 1
             mean = (acc.reduce(sums, "mean") / cfg.grad_accum).tolist()
             sums.zero_()
-            loop.last = summarize(dict(zip(keys, mean)))
+            loop.last = summarize(dict(zip(keys, mean, strict=True)))
             event = _step_event(loop, grad_norm, extra, time.perf_counter() - started)
             if metrics_file:
                 metrics_file.write(json.dumps(event, default=float) + "\n")

@@ -8,9 +8,16 @@ import time
 import gradio as gr
 
 from compact import cleanup
-
-from ui import (compare_tab, distill_tab, experiments_tab, export_tab, importance_tab, model_tab,
-                prune_tab, sparsify_tab)
+from ui import (
+    compare_tab,
+    distill_tab,
+    experiments_tab,
+    export_tab,
+    importance_tab,
+    model_tab,
+    prune_tab,
+    sparsify_tab,
+)
 from ui import state as st
 from ui.common import Ctx
 

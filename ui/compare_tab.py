@@ -46,9 +46,9 @@ def compare(original: str, slot1: str, slot2: str, slot3: str, prompt: str, max_
         loaded = st.CACHE.get(ref)
         speeds[i] = f"**{short(ref)}** generating…"
         final = None
-        for text, final in model_tab.stream(loaded, prompt, int(max_new_tokens), float(temperature),
+        for text, speed in model_tab.stream(loaded, prompt, int(max_new_tokens), float(temperature),
                                             float(top_p), int(seed), bool(chat)):
-            texts[i] = text
+            texts[i], final = text, speed  # the last item carries the whole run's speed
             yield *texts, *speeds, gr.skip(), gr.skip()
         speeds[i] = f"**{short(ref)}**: {final['new_tokens']} tokens, {final['tokens_per_s']:.1f} tokens/s"
         results.append({"slot": i, "model": ref, "text": texts[i], "params": _params(loaded.model),

@@ -14,8 +14,17 @@ from compact.jobs import command_line
 from compact.options import default
 from ui import jobs, plots
 from ui import state as st
-from ui.common import (DATA_CHOICES, HEAVY, Ctx, current_ref, gpu, job_buttons, model_choices, take_upload,
-                       upload_box)
+from ui.common import (
+    DATA_CHOICES,
+    HEAVY,
+    Ctx,
+    current_ref,
+    gpu,
+    job_buttons,
+    model_choices,
+    take_upload,
+    upload_box,
+)
 
 
 def loss_plot(events: list[dict]):

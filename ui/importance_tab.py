@@ -36,7 +36,8 @@ def figures(scores: importance.Scores | None, plan=None) -> tuple:
 
 
 def summary(scores: importance.Scores) -> dict:
-    shape = lambda t: None if t is None else list(t.shape)
+    def shape(t):
+        return None if t is None else list(t.shape)
     return {"heads": shape(scores.heads), "neurons": shape(scores.neurons),
             "channels": shape(scores.channels), "channels_per_layer": shape(scores.channels_per_layer),
             "layers_bi": shape(scores.layers_bi), "layers_ppl": shape(scores.layers_ppl),
@@ -81,7 +82,8 @@ def build(ctx: Ctx) -> None:
                                     value=default(importance.ImportanceConfig, "batch_agg"))
             seq_agg = gr.Dropdown(list(importance.AGGREGATIONS), label="Sequence aggregation",
                                   value=default(importance.ImportanceConfig, "seq_agg"))
-            depth_ppl = gr.Checkbox(value=default(importance.ImportanceConfig, "depth_ppl"), label="Layer perplexity (one pass per layer, slower)")
+            depth_ppl = gr.Checkbox(value=default(importance.ImportanceConfig, "depth_ppl"),
+                                    label="Layer perplexity (one pass per layer, slower)")
         upload = upload_box("calibration")
         with gr.Row():
             go, stop = job_buttons("Estimate importance")

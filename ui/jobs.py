@@ -16,7 +16,8 @@ import queue
 import threading
 import traceback
 from collections import defaultdict
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import gradio as gr
 

@@ -7,7 +7,7 @@ Dropped cells are left empty (NaN) so the grey background shows through.
 
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 import plotly.graph_objects as go
@@ -189,7 +189,7 @@ def curves(events: list[dict], x: str, ys: Sequence[str], title: str, y_title: s
     for name in ys:
         pts = [(e[x], e[name]) for e in events if e.get(name) is not None and e.get(x) is not None]
         if pts:
-            xs, vs = zip(*pts)
+            xs, vs = zip(*pts, strict=True)
             fig.add_trace(go.Scatter(x=list(xs), y=list(vs),
                                      mode="lines+markers" if len(pts) < 40 else "lines",
                                      name=name))

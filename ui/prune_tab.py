@@ -11,8 +11,8 @@ import threading
 import gradio as gr
 
 from compact import prune, shapes
-from compact.jobs import command_line
 from compact.errors import UserError
+from compact.jobs import command_line
 from compact.shapes import Shape
 from ui import importance_tab, jobs
 from ui import state as st

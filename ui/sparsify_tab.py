@@ -124,12 +124,14 @@ def build(ctx: Ctx) -> None:
             samples = gr.Number(value=APP_SAMPLES, precision=0, minimum=1, label="Calibration samples")
             seq_len = gr.Number(value=default(SparsifyConfig, "seq_len"), precision=0, minimum=16,
                                 label="Tokens per sample")
-            eval_tokens = gr.Number(value=APP_EVAL_TOKENS, precision=0, minimum=256, label="Validation tokens")
+            eval_tokens = gr.Number(value=APP_EVAL_TOKENS, precision=0, minimum=256,
+                                    label="Validation tokens")
         with gr.Accordion("AST training", open=False):
             with gr.Row():
                 tokens = gr.Number(value=default(SparsifyConfig, "tokens"), precision=0, minimum=1,
                                    label="Training tokens")
-                batch = gr.Number(value=default(SparsifyConfig, "batch"), precision=0, minimum=1, label="Batch")
+                batch = gr.Number(value=default(SparsifyConfig, "batch"), precision=0, minimum=1,
+                                  label="Batch")
                 lr = gr.Number(value=default(SparsifyConfig, "lr"), label="Learning rate")
                 mask_interval = gr.Number(value=default(SparsifyConfig, "mask_interval"), precision=0,
                                           minimum=1, label="Mask update interval (steps)")
