@@ -113,12 +113,13 @@ def run_job(name: str, cfg) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Keep stderr to our own lines: no download/conversion bars or library warnings. Set before
+    # the jobs import transformers, which reads them once.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     from compact.jobs import JOBS
     from compact.options import from_args
 
-    # Keep stderr to our own lines: no download/conversion bars or library warnings.
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     try:
         args = build_parser().parse_args(argv)
         if args.command == "runs":
