@@ -43,7 +43,15 @@ class LoadOptions:
 
 
 def options(cls_or_cfg) -> list[dataclasses.Field]:
-    return [f for f in fields(cls_or_cfg) if f.metadata.get("option")]
+    """The option fields, the job's own first, then the shared groups it inherits (for --help
+    and for command lines that start with the model)."""
+    cls = cls_or_cfg if isinstance(cls_or_cfg, type) else type(cls_or_cfg)
+    mro = [c for c in cls.__mro__ if dataclasses.is_dataclass(c)]
+
+    def owner(f: dataclasses.Field) -> int:
+        return next(i for i, c in enumerate(mro) if f.name in c.__dict__.get("__annotations__", {}))
+
+    return sorted((f for f in fields(cls) if f.metadata.get("option")), key=owner)
 
 
 def default(cls, name: str):
@@ -66,11 +74,7 @@ def _base_type(cls, f: dataclasses.Field) -> type:
 
 
 def add_arguments(parser: argparse.ArgumentParser, cls) -> None:
-    # The job's own fields first in --help, then the shared groups it inherits.
-    mro = [c for c in cls.__mro__ if dataclasses.is_dataclass(c)]
-    owner = {f.name: next(i for i, c in enumerate(mro) if f.name in c.__dict__.get("__annotations__", {}))
-             for f in options(cls)}
-    for f in sorted(options(cls), key=lambda f: owner[f.name]):
+    for f in options(cls):
         meta, kind = f.metadata, _base_type(cls, f)
         required = f.default is MISSING
         kw: dict = {"help": meta["help"] or None}
