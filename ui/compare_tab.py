@@ -1,7 +1,7 @@
 """Compare tab: one prompt, the original and up to three compressed models side by side.
 
 Every model gets the same prompt, decoding settings and seed. Models run one after another
-(each streams into its own column) so that each tokens/s figure is measured alone rather than
+(each streams into its own column) so that each speed is measured alone rather than
 with the other models competing for the same device.
 """
 
@@ -50,9 +50,15 @@ def compare(original: str, slot1: str, slot2: str, slot3: str, prompt: str, max_
                                             float(top_p), int(seed), bool(chat)):
             texts[i], final = text, speed  # the last item carries the whole run's speed
             yield *texts, *speeds, gr.skip(), gr.skip()
-        speeds[i] = f"**{short(ref)}**: {final['new_tokens']} tokens, {final['tokens_per_s']:.1f} tokens/s"
+        speeds[i] = f"**{short(ref)}**: {final['new_tokens']} tokens; measuring speed…"
+        yield *texts, *speeds, gr.skip(), gr.skip()
+        # The generation's own tokens/s is not comparable across clicks: measure apart.
+        measured = evaluate.speed(loaded.model, prompt_tokens=64, decode_tokens=16)
+        speeds[i] = (f"**{short(ref)}**: {final['new_tokens']} tokens; prefill "
+                     f"{measured['prefill_tokens_per_s']:,.0f} tokens/s, decode "
+                     f"{measured['decode_tokens_per_s']:.1f} tokens/s")
         results.append({"slot": i, "model": ref, "text": texts[i], "params": _params(loaded.model),
-                        **final})
+                        **final, "speed": measured})
         yield *texts, *speeds, gr.skip(), gr.skip()
     for r in results:
         if with_ppl:
@@ -62,7 +68,8 @@ def compare(original: str, slot1: str, slot2: str, slot3: str, prompt: str, max_
                               data.n_blocks_for(int(eval_tokens), seq), seq, model=loaded.model)
             r["ppl"] = evaluate.perplexity(loaded.model, val)["ppl"]
         rows.append([short(r["model"]), human(r["params"]), round(r["params"] / results[0]["params"], 3),
-                     round(r["ppl"], 3) if "ppl" in r else None, round(r["tokens_per_s"], 1)])
+                     round(r["ppl"], 3) if "ppl" in r else None,
+                     round(r["speed"]["prefill_tokens_per_s"]), round(r["speed"]["decode_tokens_per_s"], 1)])
     yield *texts, *speeds, rows, {"models": results}
 
 
@@ -108,7 +115,8 @@ def build(ctx: Ctx) -> None:
                     texts.append(gr.Textbox(label="Original" if i == 0 else f"Compressed {i}", lines=8,
                                             elem_classes=["generation"], elem_id=f"cmp-text-{i}"))
                     speeds.append(gr.Markdown(elem_id=f"cmp-speed-{i}"))
-        table = gr.Dataframe(headers=["model", "parameters", "of original", "validation ppl", "tokens/s"],
+        table = gr.Dataframe(headers=["model", "parameters", "of original", "validation ppl",
+                                      "prefill tokens/s", "decode tokens/s"],
                              interactive=False, label="Size and quality", elem_id="cmp-table")
         summary = gr.JSON(visible=False)
     event = go.click(compare, [original, *slots, prompt, max_new, temperature, top_p, seed, chat, with_ppl,
