@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import gradio as gr
 
@@ -31,7 +32,6 @@ def take_upload(path: str | None, request: gr.Request) -> str:
     """Copy an uploaded .txt/.jsonl into the session folder (inside the allowed folders) and
     return its path as the data source. Gradio already refused it if over max_file_size."""
     import shutil
-    from pathlib import Path
 
     from compact.errors import UserError
     from ui import jobs
@@ -78,7 +78,7 @@ class Ctx:
 
 
 def current_ref(state: dict | None) -> str:
-    """The reference of the session's model (fills Teacher / Original when a model loads)."""
+    """The reference of the session's model (the one the Model tab loaded last)."""
     return st.session(state)["ref"]
 
 
@@ -109,8 +109,24 @@ def gib(n_bytes: float) -> str:
     return f"{n_bytes / 2**30:.2f} GiB" if n_bytes >= 2**30 else f"{n_bytes / 2**20:.0f} MiB"
 
 
-def model_choices(state: dict | None) -> list[str]:
-    return st.output_paths(state, ("pruned", "sparse", "distilled"))
+def model_choices(state: dict | None, roots: bool = False) -> list[tuple[str, str]]:
+    """The workspace's models as (label, ref) for a picker: `pruned-2 · 24L · 92.0M`, not a path.
+
+    roots: also the models loaded on the Model tab (a teacher or an original to compare with).
+    """
+    state = st.session(state)
+    found: list[tuple[str, str]] = []
+    if roots:
+        found += [(f"{ref} · loaded", ref) for ref in state.get("roots", [state["ref"]])]
+    for out in st.outputs(state, ("pruned", "sparse", "distilled")):
+        shape, params = out.summary.get("shape"), out.summary.get("params")
+        parts = [Path(out.path).name, out.kind]
+        if isinstance(shape, dict) and shape.get("layers"):
+            parts.append(f"{shape['layers']}L")
+        if isinstance(params, int):
+            parts.append(human(params))
+        found.append((" · ".join(parts), out.path))
+    return found
 
 
 def shape_row(shape) -> dict:

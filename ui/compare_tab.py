@@ -14,7 +14,7 @@ import gradio as gr
 from compact import data, evaluate
 from ui import jobs, model_tab
 from ui import state as st
-from ui.common import DATA_CHOICES, HEAVY, Ctx, current_ref, gpu, human, job_buttons, model_choices
+from ui.common import DATA_CHOICES, HEAVY, Ctx, gpu, human, job_buttons, model_choices
 
 SLOTS = 4
 EVAL_SEQ_LEN = 256
@@ -76,10 +76,11 @@ def compare(original: str, slot1: str, slot2: str, slot3: str, prompt: str, max_
 def choices(state: dict | None, *current: str | None):
     """New outputs become choices; the newest fills the first empty slot."""
     options = model_choices(state)
+    newest = options[-1][1] if options else None
     updates, placed = [], False
     for value in current:
-        if not value and options and not placed and options[-1] not in current:
-            updates.append(gr.Dropdown(choices=options, value=options[-1]))
+        if not value and newest and not placed and newest not in current:
+            updates.append(gr.Dropdown(choices=options, value=newest))
             placed = True
         else:
             updates.append(gr.Dropdown(choices=options))
@@ -91,7 +92,8 @@ def build(ctx: Ctx) -> None:
         gr.Markdown("The same prompt, decoding settings and seed for every model. Pick compressed "
                     "models made in this session, or type any model reference.")
         with gr.Row():
-            original = gr.Textbox(value="default", label="Original")
+            original = gr.Dropdown(model_choices(None, roots=True), value="default", allow_custom_value=True,
+                                   label="Original")
             slots = [gr.Dropdown([], value=None, allow_custom_value=True, label=f"Compressed {i}")
                      for i in range(1, SLOTS)]
         with gr.Row():
@@ -124,4 +126,6 @@ def build(ctx: Ctx) -> None:
                      [*texts, *speeds, table, summary], api_name="compare", **HEAVY)
     stop.click(None, None, None, cancels=[event], api_visibility="private")
     ctx.on_outputs.append((choices, [ctx.state, *slots], slots))
-    ctx.on_model.append((current_ref, [ctx.state], [original]))
+    # A newly loaded model joins the choices; what is picked stays picked.
+    ctx.on_model.append((lambda state: gr.Dropdown(choices=model_choices(state, roots=True)), [ctx.state],
+                         [original]))

@@ -18,7 +18,6 @@ from ui.common import (
     DATA_CHOICES,
     HEAVY,
     Ctx,
-    current_ref,
     gpu,
     job_buttons,
     model_choices,
@@ -119,7 +118,8 @@ def build(ctx: Ctx) -> None:
         gr.Markdown("Train a pruned student toward its teacher with logit distillation (KL at a "
                     "temperature), optionally with cross-entropy and hidden-state losses.")
         with gr.Row():
-            teacher = gr.Textbox(value="default", label="Teacher")
+            teacher = gr.Dropdown(model_choices(None, roots=True), value="default", allow_custom_value=True,
+                                  label="Teacher")
             student = gr.Dropdown([], value=None, allow_custom_value=True, label="Student (pruned model)")
             src = gr.Dropdown(DATA_CHOICES, value="builtin", allow_custom_value=True, label="Data")
         with gr.Row():
@@ -147,4 +147,6 @@ def build(ctx: Ctx) -> None:
     stop.click(jobs.cancel, None, status, queue=False, api_visibility="private")
     upload.upload(take_upload, upload, src, api_name="upload_distill_data")
     ctx.on_outputs.append((choices, [ctx.state], [student]))
-    ctx.on_model.append((current_ref, [ctx.state], [teacher]))
+    # A newly loaded model joins the choices; what is picked stays picked.
+    ctx.on_model.append((lambda state: gr.Dropdown(choices=model_choices(state, roots=True)), [ctx.state],
+                         [teacher]))

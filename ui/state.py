@@ -174,7 +174,7 @@ class Output:
 
 
 def new_session() -> dict:
-    return {"ref": models.DEFAULT_REF, "scores": None, "scores_path": None,
+    return {"ref": models.DEFAULT_REF, "roots": [models.DEFAULT_REF], "scores": None, "scores_path": None,
             "scores_command": None, "outputs": []}
 
 
@@ -188,11 +188,15 @@ def add_output(state: dict, out: Output) -> dict:
     return state
 
 
-def output_paths(state: dict | None, kinds: tuple[str, ...] | None = None) -> list[str]:
+def outputs(state: dict | None, kinds: tuple[str, ...] | None = None) -> list[Output]:
     """Finished outputs (a cancelled training run holds a checkpoint, not a model yet)."""
     state = session(state)
-    return [o.path for o in state["outputs"] if (kinds is None or o.kind in kinds)
+    return [o for o in state["outputs"] if (kinds is None or o.kind in kinds)
             and o.summary.get("status") not in ("cancelled", "running")]
+
+
+def output_paths(state: dict | None, kinds: tuple[str, ...] | None = None) -> list[str]:
+    return [o.path for o in outputs(state, kinds)]
 
 
 def resumable(state: dict | None, kind: str, **match) -> Output | None:

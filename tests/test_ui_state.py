@@ -1,0 +1,22 @@
+"""The app's workspace pickers: models by name, shape and size, never as bare paths."""
+
+from ui import state as st
+from ui.common import model_choices
+
+
+def test_pickers_name_models_by_shape_and_size():
+    state = st.new_session()
+    st.add_output(state, st.Output("pruned", "/data/s1/pruned-2", "cmd", "default",
+                                   {"shape": {"layers": 24}, "params": 92_000_000}))
+    st.add_output(state, st.Output("distilled", "/data/s1/distilled-1", "cmd", "default",
+                                   {"status": "running"}))  # not a model yet
+    st.add_output(state, st.Output("sparse", "/data/s1/sparse-1", "cmd", "default", {"params": 134_515_008}))
+    assert model_choices(state) == [("pruned-2 · pruned · 24L · 92.00 M", "/data/s1/pruned-2"),
+                                    ("sparse-1 · sparse · 134.52 M", "/data/s1/sparse-1")]
+    roots = model_choices(state, roots=True)
+    assert roots[0] == ("default · loaded", "default") and roots[1:] == model_choices(state)
+
+
+def test_sessions_from_before_roots_still_work():
+    state = {"ref": "some/model", "scores": None, "scores_path": None, "scores_command": None, "outputs": []}
+    assert model_choices(state, roots=True) == [("some/model · loaded", "some/model")]
