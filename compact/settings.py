@@ -44,6 +44,7 @@ class Settings:
     allowed_dirs: tuple[Path, ...] = field(default_factory=tuple)  # local model/data folders users may name
     max_age_hours: int = 72  # artifacts older than this are cleaned
     disk_quota_gb: int = 20  # and the oldest are cleaned beyond this
+    session_quota_gb: float = 5.0  # one visitor's outputs; a job that would pass it is refused first
     model_cache_gb: float = 4.0  # memory bound of the shared model cache
     shared_runs: bool = False  # every visitor sees every run (a private, single-team server)
 
@@ -68,6 +69,7 @@ def load() -> Settings:
         allowed_dirs=(data_dir, *extra),
         max_age_hours=_int("COMPACT_MAX_AGE_HOURS", 72),
         disk_quota_gb=_int("COMPACT_DISK_QUOTA_GB", 20),
+        session_quota_gb=float(os.environ.get("COMPACT_SESSION_QUOTA_GB", "5")),
         model_cache_gb=float(os.environ.get("COMPACT_MODEL_CACHE_GB", "4")),
         shared_runs=_flag("COMPACT_SHARED_RUNS"),
     )

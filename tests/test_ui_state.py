@@ -20,3 +20,20 @@ def test_pickers_name_models_by_shape_and_size():
 def test_sessions_from_before_roots_still_work():
     state = {"ref": "some/model", "scores": None, "scores_path": None, "scores_command": None, "outputs": []}
     assert model_choices(state, roots=True) == [("some/model · loaded", "some/model")]
+
+
+def test_a_job_past_the_session_quota_is_refused_before_it_starts(tmp_path, monkeypatch):
+    import dataclasses
+
+    import pytest
+
+    from compact.errors import UserError
+
+    monkeypatch.setattr(st, "SETTINGS", dataclasses.replace(st.SETTINGS, data_dir=tmp_path,
+                                                            session_quota_gb=1 / 1024))  # 1 MiB
+    first = st.next_output("visitor", "pruned", expected_bytes=600 * 1024)
+    (first / "model.safetensors").write_bytes(b"0" * 600 * 1024)
+    with pytest.raises(UserError, match="already uses"):
+        st.next_output("visitor", "pruned", expected_bytes=600 * 1024)
+    assert sorted(p.name for p in (tmp_path / "visitor").iterdir()) == ["pruned-1"]  # nothing reserved
+    assert st.next_output("other", "pruned", expected_bytes=600 * 1024).name == "pruned-1"

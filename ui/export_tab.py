@@ -11,7 +11,7 @@ import gradio as gr
 from compact import models
 from ui import jobs, plots
 from ui import state as st
-from ui.common import Ctx
+from ui.common import Ctx, gib
 
 SKIP = ("checkpoint", "checkpoint.tmp", "teacher_corrected")  # resume state, not the model
 
@@ -25,7 +25,10 @@ def describe(path: str | None, state: dict | None):
     out = st.find_output(state, path) if path else None
     if out is None:
         return "", "Pick an output of this session."
-    return out.command, f"**{out.kind}** from `{out.source}` at `{out.path}`"
+    path = Path(out.path)
+    size = (path.stat().st_size if path.is_file() else st.folder_bytes(path)) if path.exists() else 0
+    # The size first, so nobody starts a download they cannot take (weights are stored, not deflated).
+    return out.command, f"**{out.kind}** from `{out.source}` at `{out.path}` · zip about {gib(size)}"
 
 
 @jobs.user_errors

@@ -120,7 +120,8 @@ def run_prune(base: Shape | None, layers, hidden, ffn, heads, depth_metric: str,
     if not tg:
         raise gr.Error("the target is the model's own shape: lower at least one control")
     scores = state.get("scores")
-    out = st.next_output(sid, "pruned")
+    params = loaded.shape.with_targets(**tg).params
+    out = st.next_output(sid, "pruned", st.checkpoint_bytes(loaded, params))
     cfg = prune.PruneConfig(model=state["ref"], out=str(out), **tg, depth_metric=depth_metric,
                             importance=state.get("scores_path"), data=st.check_data(src),
                             seq_len=EVAL_SEQ_LEN, eval_tokens=int(eval_tokens or EVAL_TOKENS))

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from compact import models, settings
+from compact.errors import UserError
 
 SETTINGS = settings.load()
 
@@ -36,13 +37,29 @@ def session_dir(session_hash: str | None) -> Path:
     return path
 
 
-def next_output(session_hash: str | None, kind: str) -> Path:
+def folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file() and not p.is_symlink())
+
+
+def check_quota(folder: Path, expected_bytes: int) -> None:
+    """Refuse, before it starts, a job whose output would take the session past its quota."""
+    quota = int(SETTINGS.session_quota_gb * 2**30)
+    used = folder_bytes(folder)
+    if quota > 0 and used + expected_bytes > quota:
+        raise UserError(f"this job would write about {expected_bytes / 2**30:.2f} GiB, and this session "
+                        f"already uses {used / 2**30:.2f} of its {SETTINGS.session_quota_gb:g} GiB; "
+                        "delete or export earlier outputs first")
+
+
+def next_output(session_hash: str | None, kind: str, expected_bytes: int = 0) -> Path:
     """A fresh folder name for a job's output: pruned-1, pruned-2, ...
 
     The folder is made here (mkdir fails if it exists), so two jobs started at once never get
     the same name; a file output (importance-N.safetensors) sits beside its reserved folder.
+    expected_bytes: what the job will write, checked against the session's disk quota first.
     """
     folder = session_dir(session_hash)
+    check_quota(folder, expected_bytes)
     n = 1
     while True:
         path = folder / f"{kind}-{n}"
@@ -57,6 +74,13 @@ def next_output(session_hash: str | None, kind: str) -> Path:
 
 def model_bytes(model) -> int:
     return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+
+
+def checkpoint_bytes(loaded: models.Loaded, params: int | None = None) -> int:
+    """What a saved copy of a model (or of a pruned one with `params`) weighs on disk, in the
+    dtype it is saved in (the source's, when the loader recorded it)."""
+    dtype = getattr(loaded, "source_dtype", None) or next(loaded.model.parameters()).dtype
+    return (params or sum(p.numel() for p in loaded.model.parameters())) * dtype.itemsize
 
 
 def check_ref(ref: str | None) -> str:
