@@ -205,6 +205,25 @@ def quality_point(run: dict) -> tuple[int, float] | None:
     return params, float(ppl)
 
 
+def tree(rows: list[dict]) -> list[tuple[int, dict]]:
+    """The runs as a lineage tree, depth first: (depth, run); a run whose parent is not among
+    the rows starts a root of its own. Children follow their parent, oldest first."""
+    ids = {r["id"] for r in rows}
+    children: dict[int | None, list[dict]] = {}
+    for r in sorted(rows, key=lambda r: r["id"]):
+        parent = r.get("parent") if r.get("parent") in ids else None
+        children.setdefault(parent, []).append(r)
+    out: list[tuple[int, dict]] = []
+
+    def walk(parent, depth: int) -> None:
+        for r in children.get(parent, []):
+            out.append((depth, r))
+            walk(r["id"], depth + 1)
+
+    walk(None, 0)
+    return out
+
+
 def pareto_front(points: list[tuple[float, float]]) -> list[int]:
     """Indices of the points no other point beats on both axes (smaller is better), by x."""
     order = sorted(range(len(points)), key=lambda i: (points[i][0], points[i][1]))

@@ -85,3 +85,9 @@ def test_loss_curve_reads_metrics_jsonl(tmp_path):
     assert runs.loss_curve({"artifact": str(tmp_path)}) == ([64, 128], [3.5, 3.1])
     assert runs.loss_curve({"artifact": str(tmp_path / "missing")}) == ([], [])
     assert runs.loss_curve({"artifact": None}) == ([], [])
+
+
+def test_tree_puts_each_run_under_its_parent():
+    rows = [{"id": 1, "parent": None}, {"id": 2, "parent": 1}, {"id": 3, "parent": None},
+            {"id": 4, "parent": 2}, {"id": 5, "parent": 1}, {"id": 6, "parent": 99}]  # 99: not shown
+    assert [(d, r["id"]) for d, r in runs.tree(rows)] == [(0, 1), (1, 2), (2, 4), (1, 5), (0, 3), (0, 6)]

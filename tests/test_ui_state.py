@@ -37,3 +37,16 @@ def test_a_job_past_the_session_quota_is_refused_before_it_starts(tmp_path, monk
         st.next_output("visitor", "pruned", expected_bytes=600 * 1024)
     assert sorted(p.name for p in (tmp_path / "visitor").iterdir()) == ["pruned-1"]  # nothing reserved
     assert st.next_output("other", "pruned", expected_bytes=600 * 1024).name == "pruned-1"
+
+
+def test_one_degenerate_model_does_not_flatten_the_pareto_plot():
+    import math
+
+    from ui import plots
+
+    points = [(134_000_000, 17.3), (92_000_000, 35.1), (89_000_000, 29.0), (60_000_000, 150_000.0)]
+    fig = plots.pareto(points, ["a", "b", "c", "d"], [2, 0])
+    low, high = fig.layout.yaxis.range
+    assert 10 ** high <= 10 * 29.0 * 1.1 + 1e-6 and 10 ** low <= 17.3
+    assert max(fig.data[0].y) == 290.0 and "off the scale" in fig.data[0].text[3]
+    assert math.isclose(fig.data[0].y[1], 35.1)  # the others keep their values

@@ -11,7 +11,7 @@ import gradio as gr
 from compact import models
 from ui import jobs, plots
 from ui import state as st
-from ui.common import Ctx, gib
+from ui.common import Ctx, gib, human
 
 SKIP = ("checkpoint", "checkpoint.tmp", "teacher_corrected")  # resume state, not the model
 
@@ -117,6 +117,31 @@ def pareto_plot(request: gr.Request):
     return plots.pareto(points, labels, runs.pareto_front(points))
 
 
+def lineage(request: gr.Request) -> str:
+    """This session's models as a tree: each run under the run that made its input model."""
+    from compact import runs
+
+    lines = []
+    for depth, r in runs.tree([r for r in _visible_runs(request) if r["status"] == "succeeded"]):
+        parts = [f"#{r['id']} {r['kind']}"]
+        if depth == 0 and r.get("base_model"):
+            parts.append(f"of {Path(r['base_model']).name}")
+        shape = r.get("shape") or {}
+        if shape.get("layers"):
+            parts.append(f"{shape['layers']}L")
+        if isinstance(r.get("params"), int):
+            parts.append(human(r["params"]))
+        if isinstance(r.get("nonzero_params"), int):
+            parts.append(f"{human(r['nonzero_params'])} non-zero")
+        point = runs.quality_point(r)
+        if point is not None:
+            parts.append(f"ppl {point[1]:.2f}")
+        if r.get("artifact"):
+            parts.append(f"→ {Path(r['artifact']).name}")
+        lines.append("    " * depth + "└─ " + " · ".join(parts))
+    return "```\n" + "\n".join(lines) + "\n```" if lines else "No finished run in this session yet."
+
+
 def loss_curves(ids: str, request: gr.Request):
     """Training loss of the chosen runs (comma-separated ids; empty: every training run)."""
     from compact import runs
@@ -155,6 +180,8 @@ def build(ctx: Ctx) -> None:
         with gr.Accordion("Runs", open=False):
             runs_btn = gr.Button("Refresh runs")
             runs_table = gr.Dataframe(headers=RUN_COLUMNS, interactive=False, label="Runs of this session")
+            lineage_btn = gr.Button("Lineage")
+            lineage_md = gr.Markdown()
             pareto_btn = gr.Button("Pareto view")
             pareto_fig = gr.Plot(label="Parameters against validation perplexity")
             with gr.Row():
@@ -167,4 +194,5 @@ def build(ctx: Ctx) -> None:
     ctx.on_outputs.append((choices, [ctx.state], [output]))
     runs_btn.click(list_runs, None, runs_table, api_name="runs")
     pareto_btn.click(pareto_plot, None, pareto_fig, api_name="runs_pareto")
+    lineage_btn.click(lineage, None, lineage_md, api_name="runs_lineage")
     curves_btn.click(loss_curves, curve_ids, curves_fig, api_name="runs_loss_curves")

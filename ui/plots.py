@@ -7,6 +7,7 @@ Dropped cells are left empty (NaN) so the grey background shows through.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 
 import numpy as np
@@ -231,7 +232,16 @@ def pareto(points: Sequence[tuple[float, float]], labels: Sequence[str], front: 
     fig.add_trace(go.Scatter(x=[points[i][0] for i in front], y=[points[i][1] for i in front],
                              mode="lines", line={"shape": "hv"}, name="frontier"))
     fig.update_xaxes(title="parameters")
-    fig.update_yaxes(title="validation perplexity", type="log")
+    # One degenerate model (perplexity 150k) must not flatten the rest: the axis stops at ten
+    # times the median and points beyond it sit on the top edge, their value in the hover text.
+    ys = sorted(p[1] for p in points)
+    top = min(ys[-1], 10 * ys[len(ys) // 2])
+    if top < ys[-1]:
+        fig.data[0].y = [min(y, top) for y in fig.data[0].y]
+        fig.data[0].text = [f"{t} (ppl {p[1]:.4g}, off the scale)" if p[1] > top else t
+                            for t, p in zip(labels, points, strict=True)]
+    fig.update_yaxes(title="validation perplexity", type="log",
+                     range=[math.log10(ys[0] * 0.9), math.log10(top * 1.1)])
     _layout(fig, title, height=360)
     fig.update_layout(plot_bgcolor="white")
     return fig
