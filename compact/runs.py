@@ -171,9 +171,11 @@ def track(kind: str, base_model: str | None, inputs: dict | None = None, artifac
     """Record a job: succeeded, failed (with the reason), cancelled or, if the process dies, crashed.
 
     A UserError means the request itself was bad and no job really ran: its record is removed,
-    so bad input leaves the store as it was.
+    so bad input leaves the store as it was. Without a session, a process started for one (an
+    app's worker, COMPACT_SESSION) records under that session.
     """
     store = store or RunStore()
+    session = session if session is not None else os.environ.get(SESSION_ENV) or None
     if artifact:
         busy = store.writing(artifact)
         if busy is not None:

@@ -85,3 +85,17 @@ def test_loss_curve_reads_metrics_jsonl(tmp_path):
     assert runs.loss_curve({"artifact": str(tmp_path)}) == ([64, 128], [3.5, 3.1])
     assert runs.loss_curve({"artifact": str(tmp_path / "missing")}) == ([], [])
     assert runs.loss_curve({"artifact": None}) == ([], [])
+
+
+def test_a_process_started_for_a_session_records_under_it(tmp_path, monkeypatch):
+    store = runs.RunStore(tmp_path / "r.sqlite")
+    monkeypatch.setenv(runs.SESSION_ENV, "abc")
+    with runs.track("experiment:sparse", "default", store=store):
+        pass
+    with runs.track("prune", "default", session="given", store=store):
+        pass
+    store.start("distill", "default")
+    rows = store.list()
+    assert [r["session"] for r in rows] == [None, "given", "abc"]
+    store.set_pid(rows[0]["id"], 4321)
+    assert store.get(rows[0]["id"])["pid"] == 4321
