@@ -4,15 +4,19 @@ The commands and their flags come from compact.jobs (one config class per job, e
 field). A user error exits with status 2 and one line on stderr, never a traceback. Progress
 goes to stderr so stdout stays machine-readable. The first Ctrl-C (or SIGTERM) asks the job to
 stop (a training run checkpoints first and prints its result); a second one aborts.
+COMPACT_EVENTS=FILE also writes the job's progress, events and end there as JSON lines, for a
+program that follows the job (compact.events; the app's worker processes).
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import signal
 import sys
+import threading
 import time
 from contextlib import contextmanager
 
@@ -67,9 +71,14 @@ def _is_main_process() -> bool:
 
 
 @contextmanager
-def _stop_on_signal():
-    """Yield should_stop(): true after the first SIGINT/SIGTERM; the second one aborts."""
-    stop: list[int] = []
+def _stop_on_signal(parent: int | None = None):
+    """Yield should_stop(): true after the first SIGINT/SIGTERM; the second one aborts.
+
+    With a parent pid (COMPACT_PARENT_PID, set by the app for its worker processes), the job
+    also stops at the next safe point once that process is gone, as on SIGTERM.
+    """
+    stop: list[int | str] = []
+    done = threading.Event()
 
     def on_signal(signum, frame):
         if stop:
@@ -78,10 +87,20 @@ def _stop_on_signal():
         print("stopping at the next safe point (training runs save a checkpoint; --resume continues)",
               file=sys.stderr, flush=True)
 
+    def watch_parent():
+        while not (stop or done.wait(0.5)):
+            if os.getppid() != parent:
+                stop.append("parent")
+                print(f"the process that started this job ({parent}) has ended: stopping at the next "
+                      "safe point", file=sys.stderr, flush=True)
+
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    if parent:
+        threading.Thread(target=watch_parent, name="parent-watch", daemon=True).start()
     try:
         yield lambda: bool(stop)
     finally:
+        done.set()
         for s, handler in old.items():
             signal.signal(s, handler)
 
@@ -94,22 +113,65 @@ def _record(run, result) -> None:
         run.params = result.get("params") if isinstance(result.get("params"), int) else None
 
 
+def _takes_events(fn) -> bool:
+    params = inspect.signature(fn).parameters.values()
+    return any(p.name == "on_event" or p.kind is p.VAR_KEYWORD for p in params)
+
+
+def _both(*sinks):
+    def report(fraction: float, message: str | None = None) -> None:
+        for sink in sinks:
+            sink(fraction, message)
+
+    return report
+
+
+def _end(sink, type: str, **fields) -> None:
+    if sink is not None:
+        sink.write(type, **fields)
+        sink.close()
+
+
 def run_job(name: str, cfg) -> dict:
-    """Run one job as the command line does: progress on stderr, recorded in the runs store."""
-    from compact import runs
+    """Run one job as the command line does: progress on stderr, recorded in the runs store.
+
+    With COMPACT_EVENTS set, the job's progress, events and end also go to that file as JSON
+    lines (compact.events); with COMPACT_RUN_ID set, the process that started this one records
+    the run, so none is recorded here.
+    """
+    from compact import events, runs
     from compact.jobs import JOBS
 
     job = JOBS[name]
-    report = progress if _is_main_process() else None
-    with _stop_on_signal() as should_stop:
-        if not (job.recorded and _is_main_process()):
-            return job.run(cfg, progress=report, should_stop=should_stop)
-        inputs = {k: v for k, v in vars(cfg).items()}
-        base = getattr(cfg, "model", None) or getattr(cfg, "teacher", None)
-        with runs.track(name, base, inputs, artifact=getattr(cfg, "out", None)) as run:
-            result = job.run(cfg, progress=report, should_stop=should_stop)
-            _record(run, result)
-        return result
+    main = _is_main_process()
+    report = progress if main else None
+    sink = events.writer_from_env() if main else None
+    extra = {}
+    if sink is not None:
+        sink.write("start", pid=os.getpid(), command=name)
+        report = _both(progress, sink.progress)
+        if _takes_events(job.run):
+            extra["on_event"] = sink.event
+    parent = int(os.environ.get(events.PARENT_ENV) or 0) or None
+    recorded = job.recorded and main and not os.environ.get(events.RUN_ID_ENV)
+    try:
+        with _stop_on_signal(parent) as should_stop:
+            if not recorded:
+                result = job.run(cfg, progress=report, should_stop=should_stop, **extra)
+            else:
+                inputs = {k: v for k, v in vars(cfg).items()}
+                base = getattr(cfg, "model", None) or getattr(cfg, "teacher", None)
+                with runs.track(name, base, inputs, artifact=getattr(cfg, "out", None)) as run:
+                    result = job.run(cfg, progress=report, should_stop=should_stop, **extra)
+                    _record(run, result)
+    except Cancelled as e:
+        _end(sink, "cancelled", result=e.result)
+        raise
+    except BaseException as e:
+        _end(sink, "error", error=type(e).__name__, message=str(e))
+        raise
+    _end(sink, "done", result=result)
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,7 +2,9 @@
 
 One file (COMPACT_RUNS_DB, default <COMPACT_HOME>/runs.sqlite) that survives restarts. A job
 still marked running whose process is gone is recorded as crashed the next time the store
-opens, so nothing is silently lost.
+opens, so nothing is silently lost. The app runs long jobs in worker processes (ui/lanes.py):
+it records those runs itself with the worker's pid, and marks one whose worker stopped when the
+server went away (a checkpoint saved, to resume) as interrupted.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ from pathlib import Path
 from compact.errors import Cancelled, UserError
 from compact.paths import home
 
-STATUSES = ("running", "succeeded", "failed", "cancelled", "crashed")
+STATUSES = ("running", "succeeded", "failed", "cancelled", "crashed", "interrupted")
+SESSION_ENV = "COMPACT_SESSION"  # the session of runs recorded by a process the app started
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -90,6 +93,11 @@ class RunStore:
                 (status, json.dumps(metrics or {}, default=str),
                  json.dumps(shape) if shape is not None else None, params, error, artifact,
                  time.time(), run_id))
+
+    def set_pid(self, run_id: int, pid: int) -> None:
+        """The process that does the run's work (an app's worker), for crash detection."""
+        with self._connect() as db:
+            db.execute("UPDATE runs SET pid=? WHERE id=?", (pid, run_id))
 
     def delete(self, run_id: int) -> None:
         with self._connect() as db:
@@ -163,9 +171,11 @@ def track(kind: str, base_model: str | None, inputs: dict | None = None, artifac
     """Record a job: succeeded, failed (with the reason), cancelled or, if the process dies, crashed.
 
     A UserError means the request itself was bad and no job really ran: its record is removed,
-    so bad input leaves the store as it was.
+    so bad input leaves the store as it was. Without a session, a process started for one (an
+    app's worker, COMPACT_SESSION) records under that session.
     """
     store = store or RunStore()
+    session = session if session is not None else os.environ.get(SESSION_ENV) or None
     if artifact:
         busy = store.writing(artifact)
         if busy is not None:

@@ -36,7 +36,9 @@ class Settings:
     port: int = 7860
     data_dir: Path = Path("data")
     queue_size: int = 16  # pending requests beyond this are refused with a clear message
-    gpu_concurrency: int = 1  # heavy jobs (importance, prune, distill, sparsify) at once
+    gpu_concurrency: int = 1  # interactive model-running events (load, generate, prune...) at once
+    workers: int = 1  # long jobs (distill, sparsify, experiments) in worker processes at once; 0: in-process
+    worker_nice: int = 10  # added to the workers' niceness, so interactive calls get the CPU first
     max_upload_mb: int = 200
     auth: tuple[str, str] | None = None  # "user:password" in COMPACT_AUTH
     allow_remote_code: bool = False
@@ -49,11 +51,39 @@ class Settings:
     shared_runs: bool = False  # every visitor sees every run (a private, single-team server)
 
 
+def _available_gib() -> float:
+    """Free memory of this machine (MemAvailable), or 0 where /proc/meminfo is missing."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) / 2**20
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0.0
+
+
+def default_workers() -> int:
+    """Long jobs at once, from the device and its free memory: on a CPU one per 4 GiB free, at
+    most 2 (they share the cores); on CUDA one per 8 GiB free GPU memory, at most 2 per GPU.
+    0 (long jobs in the server process) on ZeroGPU, where only the server's process gets a GPU."""
+    import importlib.util
+
+    if importlib.util.find_spec("spaces") is not None:
+        return 0
+    import torch
+
+    if torch.cuda.is_available():
+        free = sum(torch.cuda.mem_get_info(i)[0] for i in range(torch.cuda.device_count())) / 2**30
+        return max(1, min(2 * torch.cuda.device_count(), int(free // 8)))
+    return max(1, min(2, int(_available_gib() // 4)))
+
+
 def load() -> Settings:
     auth = os.environ.get("COMPACT_AUTH")
     if auth and ":" not in auth:
         raise UserError("COMPACT_AUTH must be user:password")
     data_dir = Path(os.environ.get("COMPACT_DATA", "data")).resolve()
+    workers = _int("COMPACT_WORKERS", -1)
     extra = [Path(p).expanduser().resolve()
              for p in os.environ.get("COMPACT_ALLOWED_DIRS", "").split(":") if p]
     return Settings(
@@ -62,6 +92,8 @@ def load() -> Settings:
         data_dir=data_dir,
         queue_size=_int("COMPACT_QUEUE_SIZE", 16),
         gpu_concurrency=_int("COMPACT_GPU_CONCURRENCY", 1),
+        workers=workers if workers >= 0 else default_workers(),
+        worker_nice=_int("COMPACT_WORKER_NICE", 10),
         max_upload_mb=_int("COMPACT_MAX_UPLOAD_MB", 200),
         auth=tuple(auth.split(":", 1)) if auth else None,
         allow_remote_code=_flag("COMPACT_ALLOW_REMOTE_CODE"),

@@ -91,3 +91,17 @@ def test_tree_puts_each_run_under_its_parent():
     rows = [{"id": 1, "parent": None}, {"id": 2, "parent": 1}, {"id": 3, "parent": None},
             {"id": 4, "parent": 2}, {"id": 5, "parent": 1}, {"id": 6, "parent": 99}]  # 99: not shown
     assert [(d, r["id"]) for d, r in runs.tree(rows)] == [(0, 1), (1, 2), (2, 4), (1, 5), (0, 3), (0, 6)]
+
+
+def test_a_process_started_for_a_session_records_under_it(tmp_path, monkeypatch):
+    store = runs.RunStore(tmp_path / "r.sqlite")
+    monkeypatch.setenv(runs.SESSION_ENV, "abc")
+    with runs.track("experiment:sparse", "default", store=store):
+        pass
+    with runs.track("prune", "default", session="given", store=store):
+        pass
+    store.start("distill", "default")
+    rows = store.list()
+    assert [r["session"] for r in rows] == [None, "given", "abc"]
+    store.set_pid(rows[0]["id"], 4321)
+    assert store.get(rows[0]["id"])["pid"] == 4321

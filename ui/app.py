@@ -36,7 +36,7 @@ def build_app() -> gr.Blocks:
             for tab in (model_tab, importance_tab, prune_tab, sparsify_tab, distill_tab, compare_tab,
                         experiments_tab, export_tab):
                 tab.build(ctx)
-        ctx.wire()
+        ctx.wire(app)
     return app
 
 

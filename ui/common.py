@@ -11,9 +11,14 @@ import gradio as gr
 from compact import models
 from ui import state as st
 
-# Heavy events (anything that runs a model) share one queue slot pool: one concurrency id
-# with a limit, so a GPU is never asked to hold two jobs' activations at once.
+# Interactive events that run a model in the server share one queue slot pool: one concurrency
+# id with a limit, so a GPU is never asked to hold two of their activations at once.
 HEAVY = dict(concurrency_id="gpu", concurrency_limit=st.SETTINGS.gpu_concurrency)
+# Long jobs run in worker processes (ui/lanes.py), as many at once as there are workers, in
+# their own group: an interactive event never waits behind one. Without workers they run in the
+# server and share the interactive events' group, as every model-running event used to.
+LONG = dict(concurrency_id="workers", concurrency_limit=st.SETTINGS.workers) if st.SETTINGS.workers \
+    else HEAVY
 DATA_CHOICES = ["builtin", "teacher"]
 UPLOAD_TYPES = [".txt", ".jsonl"]
 
@@ -67,8 +72,12 @@ class Ctx:
     output_events: list = field(default_factory=list)  # events after which outputs changed
     on_model: list[tuple[Callable, list, list]] = field(default_factory=list)
     on_outputs: list[tuple[Callable, list, list]] = field(default_factory=list)
+    on_load: list[tuple[Callable, list, list]] = field(default_factory=list)  # when a page opens
 
-    def wire(self) -> None:
+    def wire(self, app: gr.Blocks | None = None) -> None:
+        if app is not None:
+            for fn, inputs, outputs in self.on_load:
+                app.load(fn, inputs, outputs, queue=False, api_visibility="private")
         for event in self.model_events:
             for fn, inputs, outputs in self.on_model:
                 event.then(fn, inputs, outputs, queue=False, api_visibility="private")

@@ -1,4 +1,8 @@
-"""Distill tab: teacher, student, data and the main hyperparameters; live loss, cancel, resume."""
+"""Distill tab: teacher, student, data and the main hyperparameters; live loss, cancel, resume.
+
+The distillation runs in a worker process (ui/lanes.py) that the tab follows; a run that a
+cancel or a server restart stopped resumes from its checkpoint with its own settings.
+"""
 
 from __future__ import annotations
 
@@ -12,11 +16,11 @@ from compact import distill
 from compact.distill import DistillConfig
 from compact.jobs import command_line
 from compact.options import default
-from ui import jobs, plots
+from ui import jobs, lanes, plots
 from ui import state as st
 from ui.common import (
     DATA_CHOICES,
-    HEAVY,
+    LONG,
     Ctx,
     gpu,
     job_buttons,
@@ -63,14 +67,34 @@ def run(teacher: str, student: str, src: str, tokens: int, seq_len: int, batch: 
                                 temperature=float(temperature), kd_weight=float(kd_weight),
                                 ce_weight=float(ce_weight), hidden_weight=float(hidden_weight),
                                 resume=bool(resume), eval_tokens=int(eval_tokens))
+    yield from train(cfg, state, sid, progress)
+
+
+@gpu
+@jobs.user_errors
+def resume_run(run_id, state: dict | None, request: gr.Request, progress=gr.Progress()):
+    """Continue an interrupted or cancelled distillation of this session (the newest when no run is
+    picked) from its checkpoint, with the settings it started with."""
+    sid = jobs.session_id(request)
+    cfg = lanes.resume_config(sid, "distill", run_id)
+    yield from train(cfg, st.session(state), sid, progress)
+
+
+def train(cfg: DistillConfig, state: dict, sid: str, progress):
+    """Run the distillation (a worker process, or in the server without workers); yield the tab's
+    outputs as it goes: loss plot, status, result, state."""
     cfg.check()
+    teacher, student, out = cfg.teacher, cfg.student, Path(cfg.out)
     events: list[dict] = []
 
-    def work(job: jobs.Job):
+    def in_process(job: jobs.Job):
         teacher_loaded = st.CACHE.get(teacher)  # never changed by distill.run
         student_loaded = st.CACHE.copy(student)  # trained in place: a private copy
-        result = distill.run(cfg, on_event=job.event, should_stop=job.should_stop,
-                             teacher=teacher_loaded, student=student_loaded)
+        return distill.run(cfg, on_event=job.event, should_stop=job.should_stop,
+                           teacher=teacher_loaded, student=student_loaded)
+
+    def work(job: jobs.Job):
+        result = lanes.run_worker(cfg, job, sid) if lanes.enabled() else in_process(job)
         if job.record is not None:
             job.record.metrics = {k: result.get(k) for k in ("loss", "val_ppl_before", "val_ppl_after")}
         return result
@@ -101,8 +125,8 @@ def run(teacher: str, student: str, src: str, tokens: int, seq_len: int, batch: 
     if cancelled:
         st.add_output(state, st.Output("distilled", str(out), cmd, teacher,
                                        {"student": student, "status": "cancelled"}))
-        yield gr.skip(), "Cancelled: a checkpoint was saved; tick *Resume* and start again to continue.", \
-            result or {}, state
+        yield gr.skip(), "Cancelled: a checkpoint was saved; tick *Resume* and start again, or pick the " \
+            "run under *Resume run*, to continue.", result or {}, state
         return
     st.add_output(state, st.Output("distilled", str(out), cmd, teacher, {"student": student, **result}))
     st.CACHE.drop(str(out))  # a resumed run rewrites the folder
@@ -142,13 +166,18 @@ def build(ctx: Ctx) -> None:
         upload = upload_box("training")
         with gr.Row():
             go, stop = job_buttons("Distill")
+        pick, again, interrupted = lanes.resume_controls("distill", "distillation")
         status = gr.Markdown()
         loss = gr.Plot(plots.empty("The loss appears here as training runs"), label="Loss")
         result = gr.JSON(visible=False)
     event = go.click(run, [teacher, student, src, tokens, seq_len, batch, lr, temperature, kd_weight,
                            ce_weight, hidden_weight, resume, eval_tokens, ctx.state],
-                     [loss, status, result, ctx.state], api_name="distill", **HEAVY)
-    ctx.output_events.append(event)
+                     [loss, status, result, ctx.state], api_name="distill", **LONG)
+    resumed = again.click(resume_run, [pick, ctx.state], [loss, status, result, ctx.state],
+                          api_name="distill_resume", **LONG)
+    ctx.output_events += [event, resumed]
+    ctx.on_outputs.append((interrupted, [], [pick]))
+    ctx.on_load.append((interrupted, [], [pick]))
     stop.click(jobs.cancel, None, status, queue=False, api_visibility="private")
     upload.upload(take_upload, upload, src, api_name="upload_distill_data")
     ctx.on_outputs.append((choices, [ctx.state], [student]))

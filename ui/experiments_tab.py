@@ -1,4 +1,5 @@
-"""Experiments tab: one click runs a paper finding on the loaded model (compact.experiments)."""
+"""Experiments tab: one click runs a paper finding on the loaded model (compact.experiments),
+in a worker process (ui/lanes.py)."""
 
 from __future__ import annotations
 
@@ -7,9 +8,9 @@ import gradio as gr
 from compact import experiments
 from compact.experiments import EXPERIMENTS, ExperimentConfig
 from compact.jobs import command_line
-from ui import jobs, plots
+from ui import jobs, lanes, plots
 from ui import state as st
-from ui.common import HEAVY, Ctx, gpu, job_buttons
+from ui.common import LONG, Ctx, gpu, job_buttons
 
 ABOUT = {
     "axis-ablation": "Prune to the same parameter count along depth, MLP, attention, embedding "
@@ -51,8 +52,13 @@ def run(name: str, keep: float, tokens: int, seq_len: int, batch: int, samples: 
                            keep=float(keep), tokens=int(tokens), seq_len=int(seq_len), batch=int(batch),
                            samples=int(samples), eval_tokens=int(eval_tokens), session=sid)
     cfg.check()
-    result = jobs.run_to_end(lambda job: experiments.run(cfg, job.progress, job.should_stop), sid,
-                             f"experiment:{name}", progress, base_model=state["ref"],
+
+    def work(job: jobs.Job):
+        if lanes.enabled():  # the arms record themselves, under this session, from the worker
+            return lanes.run_worker(cfg, job, sid)
+        return experiments.run(cfg, job.progress, job.should_stop)
+
+    result = jobs.run_to_end(work, sid, f"experiment:{name}", progress, base_model=state["ref"],
                              inputs={"keep": cfg.keep, "tokens": cfg.tokens}, artifact=str(out))
     cmd = command_line(cfg)
     st.add_output(state, st.Output("experiment", str(out), cmd, state["ref"], {"experiment": name}))
@@ -80,6 +86,6 @@ def build(ctx: Ctx) -> None:
         fig = gr.Plot(plots.empty("Run an experiment"), label="Validation loss per arm")
     name.change(lambda n: ABOUT[n], name, about, queue=False, api_visibility="private")
     event = go.click(run, [name, keep, tokens, seq_len, batch, samples, eval_tokens, src, ctx.state],
-                     [results, fig, status, ctx.state], api_name="experiment", **HEAVY)
+                     [results, fig, status, ctx.state], api_name="experiment", **LONG)
     stop.click(jobs.cancel, None, status, queue=False, api_visibility="private")
     ctx.output_events.append(event)

@@ -9,7 +9,7 @@ from pathlib import Path
 import gradio as gr
 
 from compact import models
-from ui import jobs, plots
+from ui import jobs, lanes, plots
 from ui import state as st
 from ui.common import Ctx, gib, human
 
@@ -93,7 +93,9 @@ def _visible_runs(request: gr.Request) -> list[dict]:
 
     sid = None if st.SETTINGS.shared_runs else jobs.session_id(request)
     # Without a session filter (shared runs), CLI runs of the operator's own shell stay hidden.
-    return [r for r in runs.RunStore().list(session=sid, limit=500) if sid is not None or r["session"]]
+    store = runs.RunStore()
+    rows = [r for r in store.list(session=sid, limit=500) if sid is not None or r["session"]]
+    return lanes.reconcile(rows, store)  # a worker stopped by a server restart: interrupted
 
 
 def list_runs(request: gr.Request) -> dict:

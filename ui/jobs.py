@@ -5,7 +5,9 @@ thread and hands it `job.should_stop`, backed by a per-session stop flag that th
 checks between batches/steps. The event handler is a generator that relays the worker's
 progress and events as they come (for gr.Progress and live plots). The Cancel button sets the
 session's flags; closing the page closes the generator, which sets them too. Every job is
-recorded in the runs store (compact.runs) with its session.
+recorded in the runs store (compact.runs) with its session. Long jobs run the library call in a
+worker process instead (ui/lanes.py): their `work` starts it, relays its event stream to the
+Job and turns the stop flag into SIGTERM.
 """
 
 from __future__ import annotations
@@ -31,10 +33,23 @@ _FLAGS_LOCK = threading.Lock()
 class OutOfMemory(RuntimeError):
     """A job ran out of memory (GPU, or CPU where an allocation was refused)."""
 
+    @classmethod
+    def of(cls, kind: str, text: str) -> OutOfMemory:
+        """The error in the user's words, from the message of the failed allocation."""
+        last = text.strip().splitlines()[-1][:300] if text.strip() else "no memory left"
+        return cls(f"out of memory in {kind} ({last}); lower the batch, the sequence length or the "
+                   "number of samples")
+
+
+class WorkerError(RuntimeError):
+    """A job's worker process failed or died (ui/lanes.py): the message says how, in the user's words."""
+
 
 def is_out_of_memory(e: BaseException) -> bool:
     import torch
 
+    if isinstance(e, (OutOfMemory, WorkerError)):  # already said in the user's words
+        return False
     # CUDA raises torch.OutOfMemoryError; the CPU allocator a RuntimeError with this text.
     return isinstance(e, torch.OutOfMemoryError) or (
         isinstance(e, RuntimeError) and "can't allocate memory" in str(e))
@@ -106,11 +121,10 @@ def run(work: Callable[[Job], Any], sid: str, kind: str, base_model: str | None 
                 except Exception as e:
                     if not is_out_of_memory(e):
                         raise
-                    oom = str(e).strip().splitlines()[-1][:300] if str(e).strip() else type(e).__name__
+                    oom = str(e) or type(e).__name__
                 if oom is not None:  # outside the except block: the failed frames are gone now
                     release_memory()
-                    raise OutOfMemory(f"out of memory in {kind} ({oom}); lower the batch, the "
-                                      "sequence length or the number of samples")
+                    raise OutOfMemory.of(kind, oom)
             inbox.put(("done", result))
         except Cancelled as stop:  # the library's one way of saying it stopped when asked
             inbox.put(("cancelled", stop.result))
@@ -130,7 +144,7 @@ def run(work: Callable[[Job], Any], sid: str, kind: str, base_model: str | None 
                     raise gr.Error(str(payload)) from None
                 if isinstance(payload, gr.Error):
                     raise payload
-                if isinstance(payload, OutOfMemory):  # recorded as failed; the server goes on
+                if isinstance(payload, (OutOfMemory, WorkerError)):  # recorded as failed; the server goes on
                     raise gr.Error(str(payload)) from None
                 traceback.print_exception(payload)
                 raise gr.Error(f"internal error: {type(payload).__name__}: {payload}") from None

@@ -1,6 +1,8 @@
 """Sparsify tab: N:M one-shot (magnitude, Wanda, SparseGPT) or AST training, with SLoRB.
 
 Shows per-layer sparsity of the result and, for AST, the loss and mask flip-rate curves live.
+AST and the calibrated methods run in a worker process (ui/lanes.py); magnitude, which needs no
+data and takes seconds, in the server.
 """
 
 from __future__ import annotations
@@ -14,9 +16,9 @@ from compact import sparsify, sparsity
 from compact.jobs import command_line
 from compact.options import default
 from compact.sparsify import METHODS, SparsifyConfig
-from ui import jobs, plots
+from ui import jobs, lanes, plots
 from ui import state as st
-from ui.common import DATA_CHOICES, HEAVY, Ctx, current, gpu, job_buttons
+from ui.common import DATA_CHOICES, LONG, Ctx, current, gpu, job_buttons
 
 # Smaller than the command line's defaults so that a one-shot click answers quickly on a CPU.
 APP_SAMPLES = 32
@@ -64,23 +66,45 @@ def run(method: str, pattern: str, src: str, samples: int, seq_len: int, eval_to
                          slorb_k=int(slorb_k or 0), mask_interval=int(mask_interval),
                          mask_margin=float(mask_margin or 0), resume=bool(resume and method == "ast"))
     cfg.check()
-    dense = current(state)
-    sparsity.check_widths(dense.model, cfg.m)
+    sparsity.check_widths(current(state).model, cfg.m)  # fail fast, before any worker starts
+    yield from sparsify_job(cfg, state, sid, progress)
+
+
+@gpu
+@jobs.user_errors
+def resume_run(run_id, state: dict | None, request: gr.Request, progress=gr.Progress()):
+    """Continue an interrupted or cancelled AST run of this session (the newest when no run is
+    picked) from its checkpoint, with the settings it started with."""
+    sid = jobs.session_id(request)
+    cfg = lanes.resume_config(sid, "sparsify", run_id)
+    yield from sparsify_job(cfg, st.session(state), sid, progress)
+
+
+def sparsify_job(cfg: SparsifyConfig, state: dict, sid: str, progress):
+    """Sparsify (a worker process for AST and the calibrated methods; magnitude, quick, in the
+    server) and yield the tab's outputs as it goes."""
+    cfg.check()
+    ref, method, out = cfg.model, cfg.method, Path(cfg.out)
     events: list[dict] = []
 
+    def in_process(job: jobs.Job):
+        dense = st.CACHE.get(ref)
+        student = st.CACHE.copy(ref)  # one-shot prunes, AST trains this copy in place
+        return sparsify.run(cfg, job.progress, job.should_stop, on_event=job.event, dense=dense,
+                            student=student)
+
     def work(job: jobs.Job):
-        student = st.CACHE.copy(state["ref"])  # one-shot prunes, AST trains this copy in place
-        result = sparsify.run(cfg, job.progress, job.should_stop, on_event=job.event, dense=dense,
-                              student=student)
+        in_worker = lanes.enabled() and method != "magnitude"
+        result = lanes.run_worker(cfg, job, sid) if in_worker else in_process(job)
         st.CACHE.drop(str(out))  # a resumed run rewrites the folder
-        sparse = st.CACHE.get(str(out)).model
+        sparse = st.CACHE.get(str(out)).model  # what the job saved, from disk
         result["check"] = sparsity.check_pattern(sparse, cfg.n, cfg.m)
         if job.record is not None:
             job.record.metrics = {"ppl": result["ppl_after"], "sparsity": result["check"]["sparsity"]}
         return result
 
     result, cancelled = None, False
-    for what, payload in jobs.run(work, sid, "sparsify", base_model=state["ref"], inputs=vars(cfg),
+    for what, payload in jobs.run(work, sid, "sparsify", base_model=ref, inputs=vars(cfg),
                                   artifact=str(out)):
         if what == "progress":
             progress(payload[0], desc=payload[1])
@@ -98,14 +122,14 @@ def run(method: str, pattern: str, src: str, samples: int, seq_len: int, eval_to
     if cancelled:
         msg = "Cancelled."
         if method == "ast" and result is not None:
-            msg += " Tick *Resume* to continue the AST run."
-            st.add_output(state, st.Output("sparse", str(out), "", state["ref"],
+            msg += " Tick *Resume* and start again, or pick the run under *Resume run*, to continue."
+            st.add_output(state, st.Output("sparse", str(out), "", ref,
                                            {"status": "cancelled", "method": "ast"}))
         yield gr.skip(), gr.skip(), gr.skip(), result or {}, msg, state
         return
     check = result.pop("check")
     st.add_output(state, st.Output("sparse", str(out), command_line(dataclasses.replace(cfg, resume=False)),
-                                   state["ref"], result))
+                                   ref, result))
     msg = (f"{result['pattern']} {method}: {check['sparsity']:.1%} zeros, pattern "
            f"{'exact' if result['pattern_ok'] else 'NOT exact'}; validation perplexity "
            f"{result['ppl_before']:.2f} → **{result['ppl_after']:.2f}**. Saved to `{out}`.")
@@ -146,6 +170,7 @@ def build(ctx: Ctx) -> None:
                 resume = gr.Checkbox(value=False, label="Resume the last AST run")
         with gr.Row():
             go, stop = job_buttons("Sparsify")
+        pick, again, interrupted = lanes.resume_controls("sparsify", "AST run")
         status = gr.Markdown()
         per_layer = gr.Plot(plots.empty("Per-layer sparsity appears here"), label="Per-layer sparsity")
         with gr.Row():
@@ -154,6 +179,10 @@ def build(ctx: Ctx) -> None:
         result = gr.JSON(visible=False)
     event = go.click(run, [method, pattern, src, samples, seq_len, eval_tokens, tokens, batch, lr, slorb_k,
                            mask_interval, mask_margin, resume, ctx.state],
-                     [per_layer, loss, flips, result, status, ctx.state], api_name="sparsify", **HEAVY)
-    ctx.output_events.append(event)
+                     [per_layer, loss, flips, result, status, ctx.state], api_name="sparsify", **LONG)
+    resumed = again.click(resume_run, [pick, ctx.state], [per_layer, loss, flips, result, status, ctx.state],
+                          api_name="sparsify_resume", **LONG)
+    ctx.output_events += [event, resumed]
+    ctx.on_outputs.append((interrupted, [], [pick]))
+    ctx.on_load.append((interrupted, [], [pick]))
     stop.click(jobs.cancel, None, status, queue=False, api_visibility="private")

@@ -1,0 +1,254 @@
+"""Long jobs in worker processes: `python -m compact <command> ...`, followed by the server.
+
+Distillation, AST and calibrated one-shot sparsify, and experiments run as child processes of
+the server with the config the tab built (compact.jobs.argv), at most COMPACT_WORKERS at once:
+their events share the `workers` concurrency group (ui/common.LONG), apart from the interactive
+ones (load, generate, importance, prune, compare), which never wait behind a long job. The
+server follows each worker through its event file (compact.events) in the job's thread
+(ui/jobs.run), so the progress bar and the live plots get what an in-process job gave them.
+Cancel sends SIGTERM: the job stops at its next safe point (a training run saves a checkpoint)
+and ends with its result. The server records the run with the worker's pid; a worker that dies
+is recorded as failed with the reason, the tab shows it as an error, and the server serves on.
+A tab that needs the model a worker wrote loads it from disk afterwards (ui/state.CACHE).
+
+Each job leaves beside the session's outputs `job-<run>.json` (its command line, to resume it),
+`job-<run>.events.jsonl` (its event stream) and `job-<run>.log` (its stdout and stderr).
+
+Restart: a worker whose server is gone stops at its next safe point, as on SIGTERM (it watches
+its parent). The next server finds the run crashed (compact.runs marks a run whose process is
+gone) and, when the event stream ends with the job's checkpointed stop, records it as
+interrupted. `resumable` lists a session's runs that can continue from a checkpoint and
+`resume_config` gives the same config with resume on: the exact continuation.
+
+COMPACT_WORKERS=0 runs long jobs in the server process, as before (ZeroGPU's default).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import gradio as gr
+
+from compact import runs
+from compact.errors import Cancelled, UserError
+from compact.events import ENDS, EVENTS_ENV, PARENT_ENV, RUN_ID_ENV, EventReader, last_end
+from compact.jobs import argv, command_line, command_of, parse_command_line
+from ui import jobs
+from ui import state as st
+
+ROOT = Path(__file__).resolve().parents[1]
+POLL_S = 0.1  # how often the server looks for new events and for the worker's exit
+RESUMABLE_STATUSES = ("interrupted", "crashed", "cancelled", "failed")
+
+
+def enabled() -> bool:
+    return st.SETTINGS.workers > 0
+
+
+def files(sid: str, run_id: int) -> dict[str, Path]:
+    folder = st.session_dir(sid)
+    return {"job": folder / f"job-{run_id}.json", "events": folder / f"job-{run_id}.events.jsonl",
+            "log": folder / f"job-{run_id}.log"}
+
+
+def worker_config(cfg):
+    """cfg as the worker gets it: the server's own permission to load remote code or pickles."""
+    names = {f.name for f in dataclasses.fields(cfg)}
+    allowed = {"trust_remote_code": st.SETTINGS.allow_remote_code, "allow_pickle": st.SETTINGS.allow_pickle}
+    changes = {k: True for k, on in allowed.items() if on and k in names}
+    return dataclasses.replace(cfg, **changes) if changes else cfg
+
+
+def run_worker(cfg, job: jobs.Job, sid: str) -> dict:
+    """Run cfg's job in a worker process and relay its progress and events to `job`.
+
+    For a `work` of ui/jobs.run, which has recorded the run (job.record). Returns the job's
+    result; raises Cancelled (with the result: a training run's checkpoint), UserError,
+    jobs.OutOfMemory, or jobs.WorkerError when the worker failed or was killed.
+    """
+    command, cfg = command_of(cfg), worker_config(cfg)
+    run_id = job.record.id
+    paths = files(sid, run_id)
+    paths["job"].write_text(json.dumps({"run": run_id, "session": sid, "command": command,
+                                        "line": command_line(cfg), "started": time.time()}, indent=2))
+    paths["events"].unlink(missing_ok=True)
+    reader = EventReader(paths["events"])
+    env = {**os.environ, EVENTS_ENV: str(paths["events"]), RUN_ID_ENV: str(run_id),
+           PARENT_ENV: str(os.getpid()), runs.SESSION_ENV: sid,
+           "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
+    with open(paths["log"], "ab") as log:
+        # Its own session: a Ctrl-C in the server's terminal is not a second stop signal for it.
+        proc = subprocess.Popen([sys.executable, "-m", "compact", *argv(cfg)], cwd=os.getcwd(), env=env,
+                                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    _lower_priority(proc.pid)
+    job.record.store.set_pid(run_id, proc.pid)
+    try:
+        end = _follow(proc, reader, job)
+    finally:
+        reader.close()
+        if proc.poll() is None:  # the relay itself failed: do not leave the worker behind
+            proc.terminate()
+            proc.wait()
+    return _outcome(command, proc, end, paths["log"])
+
+
+def _lower_priority(pid: int) -> None:
+    """Interactive calls in the server get the CPU before the worker (threads it starts inherit this)."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, pid, min(19, os.getpriority(os.PRIO_PROCESS, 0) +
+                                                 st.SETTINGS.worker_nice))
+    except OSError:
+        pass
+
+
+def _follow(proc: subprocess.Popen, reader: EventReader, job: jobs.Job) -> dict | None:
+    """Relay events until the worker exits; the stop flag becomes one SIGTERM. Returns the end line."""
+    end, stopping = None, False
+    while True:
+        exited = proc.poll() is not None  # before reading: then every line it wrote is read
+        for row in reader.read():
+            kind = row.get("type")
+            if kind == "progress":
+                job.progress(row.get("fraction") or 0.0, row.get("message") or "")
+            elif kind == "event":
+                job.event(row.get("event") or {})
+            elif kind in ENDS:
+                end = row
+        if exited:
+            return end
+        if not stopping and job.should_stop():
+            proc.send_signal(signal.SIGTERM)  # one only: a second one would abort the checkpoint
+            stopping = True
+        time.sleep(POLL_S)
+
+
+def _outcome(command: str, proc: subprocess.Popen, end: dict | None, log: Path) -> dict:
+    if end is None:
+        raise jobs.WorkerError(_death(command, proc, log))
+    if end["type"] == "done":
+        return end.get("result")
+    if end["type"] == "cancelled":
+        raise Cancelled("stopped", end.get("result"))
+    name, message = end.get("error") or "Error", end.get("message") or ""
+    if name == "UserError":
+        raise UserError(message)
+    if name == "KeyboardInterrupt":  # a second stop signal aborted it
+        raise Cancelled("aborted")
+    if name == "OutOfMemoryError" or "can't allocate memory" in message:
+        raise jobs.OutOfMemory.of(command, message)
+    first = message.strip().splitlines()[0][:300] if message.strip() else ""
+    raise jobs.WorkerError(f"{command} failed in its worker process: {name}: {first} (log: {log})")
+
+
+def _death(command: str, proc: subprocess.Popen, log: Path) -> str:
+    rc = proc.returncode
+    if rc is not None and rc < 0:
+        try:
+            name = signal.Signals(-rc).name
+        except ValueError:
+            name = f"signal {-rc}"
+        why = " (most often the system running out of memory)" if -rc == signal.SIGKILL else ""
+        return (f"the {command} worker (process {proc.pid}) was killed by {name}{why}; "
+                "the run is recorded as failed")
+    lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()] \
+        if log.exists() else []
+    last = f": {lines[-1][:300]}" if lines else ""
+    return f"the {command} worker (process {proc.pid}) ended with status {rc} and no result{last}"
+
+
+# -- restart and resume ------------------------------------------------------------------------
+
+def _job(sid: str, run_id: int) -> dict | None:
+    path = files(sid, run_id)["job"]
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def reconcile(rows: list[dict], store: runs.RunStore | None = None) -> list[dict]:
+    """Crashed runs whose worker stopped at a safe point after its server went away become
+    interrupted (in the store too), with where they stopped; the rows are updated in place."""
+    for r in rows:
+        if r["status"] != "crashed" or not r.get("session") or _job(r["session"], r["id"]) is None:
+            continue
+        end = last_end(files(r["session"], r["id"])["events"])
+        if end is None or end["type"] != "cancelled":
+            continue
+        result = end.get("result") or {}
+        step = result.get("steps", (result.get("training") or {}).get("steps"))
+        error = "the server stopped while it ran" + (f"; it stopped at step {step} and saved a checkpoint"
+                                                      if step is not None else "")
+        store = store or runs.RunStore()
+        store.finish(r["id"], "interrupted", result, error=error)
+        r.update(status="interrupted", error=error, metrics=result)
+    return rows
+
+
+def resumable(sid: str, command: str) -> list[tuple[str, int]]:
+    """(label, run id) of this session's runs of `command` that stopped before their end and can
+    continue from their checkpoint, newest first (one per output folder)."""
+    store = runs.RunStore()
+    found, outs = [], set()
+    for r in reconcile(store.list(session=sid, limit=200), store):
+        job = _job(sid, r["id"]) if r["status"] in RESUMABLE_STATUSES else None
+        if job is None or job.get("command") != command:
+            continue
+        cfg = parse_command_line(job["line"])
+        progress = Path(getattr(cfg, "out", "") or "").expanduser() / "checkpoint" / "progress.json"
+        if not hasattr(cfg, "resume") or cfg.out in outs or not progress.is_file():
+            continue
+        outs.add(cfg.out)
+        if store.writing(cfg.out) is not None:
+            continue  # resumed already, and still running
+        try:
+            step = json.loads(progress.read_text())["step"]
+        except (OSError, json.JSONDecodeError, KeyError):
+            continue
+        found.append((f"#{r['id']} {command} {r['status']} at step {step}: {Path(cfg.out).name}", r["id"]))
+    return found
+
+
+def resume_config(sid: str, command: str, run_id=None):
+    """The config of a resumable run of this session (the newest when run_id is empty), with
+    resume on: the same settings, so training continues exactly where the checkpoint is."""
+    found = resumable(sid, command)
+    if not found:
+        raise UserError(f"this session has no interrupted or cancelled {command} run with a checkpoint")
+    if run_id in (None, ""):
+        run_id = found[0][1]
+    try:
+        run_id = int(run_id)
+    except (TypeError, ValueError):
+        raise UserError(f"'{run_id}' is not a run id") from None
+    if run_id not in [i for _, i in found]:
+        raise UserError(f"run {run_id} is not an interrupted or cancelled {command} run of this "
+                        "session with a checkpoint")
+    cfg = parse_command_line(_job(sid, run_id)["line"])
+    return dataclasses.replace(cfg, resume=True)
+
+
+# -- the tabs' resume controls -----------------------------------------------------------------
+
+def resume_controls(command: str, what: str):
+    """A dropdown of this session's resumable runs of `command` and its button, in the caller's
+    layout; returns (dropdown, button, refresh), refresh(request) filling the dropdown."""
+    with gr.Row():
+        pick = gr.Dropdown([], value=None, allow_custom_value=True, scale=4,
+                           label=f"Interrupted or cancelled {what} to resume (from its checkpoint, "
+                                 "with its own settings)")
+        button = gr.Button("Resume run", scale=1)
+
+    def refresh(request: gr.Request):
+        found = resumable(jobs.session_id(request), command)
+        return gr.Dropdown(choices=found, value=found[0][1] if found else None)
+
+    return pick, button, refresh
