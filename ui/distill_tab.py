@@ -63,10 +63,9 @@ def run(teacher: str, student: str, src: str, tokens: int, seq_len: int, batch: 
         params = sum(p.numel() for p in student_loaded.model.parameters())
         out = st.next_output(sid, "distilled", st.checkpoint_bytes(student_loaded) + 12 * params)
     cfg = DistillConfig(teacher=teacher, student=student, data=src, out=str(out), tokens=int(tokens),
-                                seq_len=int(seq_len), batch=int(batch), lr=float(lr),
-                                temperature=float(temperature), kd_weight=float(kd_weight),
-                                ce_weight=float(ce_weight), hidden_weight=float(hidden_weight),
-                                resume=bool(resume), eval_tokens=int(eval_tokens))
+                        seq_len=int(seq_len), batch=int(batch), lr=float(lr), temperature=float(temperature),
+                        kd_weight=float(kd_weight), ce_weight=float(ce_weight),
+                        hidden_weight=float(hidden_weight), resume=bool(resume), eval_tokens=int(eval_tokens))
     yield from train(cfg, state, sid, progress)
 
 
