@@ -107,7 +107,8 @@ def _distill(cfg: ExperimentConfig, teacher, student_model, out: Path, kd: float
              on_event=None, should_stop=None) -> dict:
     from compact import distill
 
-    student = models.Loaded(student_model, teacher.tokenizer, teacher.arch, str(out))
+    student = models.Loaded(student_model, teacher.tokenizer, teacher.arch, str(out),
+                            source_dtype=teacher.source_dtype)
     dcfg = distill.DistillConfig(teacher=cfg.model, student=str(out), data=cfg.data, out=str(out),
                                  tokens=cfg.tokens, seq_len=cfg.seq_len, batch=cfg.batch, lr=cfg.lr,
                                  kd_weight=kd, ce_weight=ce, eval_tokens=cfg.eval_tokens, seed=cfg.seed,
