@@ -42,10 +42,12 @@ def _runs(a) -> dict:
 
     rows = runs.RunStore().list(a.kind, a.base, a.status, limit=a.limit)
     if not a.json:
+        print(f"{'id':>5}  {'started':<16}  {'kind':<10} {'status':<10} {'parent':>6} {'params':>12}  "
+              f"{'base':<30} artifact")
         for r in rows:
             started = time.strftime("%Y-%m-%d %H:%M", time.localtime(r["started"]))
-            print(f"{r['id']:>5}  {started}  {r['kind']:<10} {r['status']:<10} "
-                  f"{r['base_model'] or '-':<30} {r['artifact'] or ''}")
+            print(f"{r['id']:>5}  {started}  {r['kind']:<10} {r['status']:<10} {r['parent'] or '-':>6} "
+                  f"{r['params'] or '-':>12}  {r['base_model'] or '-':<30} {r['artifact'] or ''}")
     return {"runs": rows}
 
 
@@ -91,7 +93,7 @@ def _record(run, result) -> None:
         run.metrics = result
         shape = result.get("shape")
         run.shape = shape if isinstance(shape, dict) else None
-        run.params = result.get("params") if isinstance(result.get("params"), int) else None
+        run.counts(result)
 
 
 def run_job(name: str, cfg) -> dict:
@@ -106,7 +108,8 @@ def run_job(name: str, cfg) -> dict:
             return job.run(cfg, progress=report, should_stop=should_stop)
         inputs = {k: v for k, v in vars(cfg).items()}
         base = getattr(cfg, "model", None) or getattr(cfg, "teacher", None)
-        with runs.track(name, base, inputs, artifact=getattr(cfg, "out", None)) as run:
+        with runs.track(name, base, inputs, artifact=getattr(cfg, "out", None) or None, config=cfg,
+                        command=name) as run:
             result = job.run(cfg, progress=report, should_stop=should_stop)
             _record(run, result)
         return result
