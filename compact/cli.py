@@ -51,6 +51,24 @@ def _runs(a) -> dict:
     return {"runs": rows}
 
 
+def _add_reproduce(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run", type=int, help="id of a recorded run (python -m compact runs)")
+    parser.add_argument("--out", required=True,
+                        help="new folder: the final artifact in it, the steps before it in OUT/steps")
+    parser.add_argument("--script", action="store_true", help="only print the commands, run nothing")
+
+
+def _reproduce(a) -> dict:
+    from compact import reproduce, runs
+
+    store = runs.RunStore()
+    if a.script:
+        lines = reproduce.script(store, a.run, a.out)
+        print("\n".join(lines))
+        return {"run": a.run, "commands": lines}
+    return reproduce.run(store, a.run, a.out, progress=progress, runner=run_job)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from compact.jobs import JOBS
     from compact.options import add_arguments
@@ -60,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     for job in JOBS.values():
         add_arguments(sub.add_parser(job.name, help=job.help), job.config)
     _add_runs(sub.add_parser("runs", help="list recorded jobs"))
+    _add_reproduce(sub.add_parser("reproduce", help="remake a recorded run's artifact from its root model"))
     return parser
 
 
@@ -127,6 +146,8 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         if args.command == "runs":
             result = _runs(args)
+        elif args.command == "reproduce":
+            result = _reproduce(args)
         else:
             result = run_job(args.command, from_args(JOBS[args.command].config, args))
     except UserError as e:
