@@ -69,6 +69,7 @@ def run(teacher: str, student: str, src: str, tokens: int, seq_len: int, batch: 
                              teacher=teacher_loaded, student=student_loaded)
         if job.record is not None:
             job.record.metrics = {k: result.get(k) for k in ("loss", "val_ppl_before", "val_ppl_after")}
+            job.record.counts(result)
         return result
 
     # A resumed run is reproduced by the run it continues: the command never says --resume.
@@ -78,7 +79,7 @@ def run(teacher: str, student: str, src: str, tokens: int, seq_len: int, batch: 
                                                                            "status": "running"}))
     result, cancelled = None, False
     for what, payload in jobs.run(work, sid, "distill", base_model=student,
-                                  inputs=cfg.training_settings(), artifact=str(out)):
+                                  inputs=cfg.training_settings(), artifact=str(out), config=cfg):
         if what == "progress":
             progress(payload[0], desc=payload[1])
         elif what == "event":

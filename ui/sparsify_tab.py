@@ -74,11 +74,12 @@ def run(method: str, pattern: str, src: str, samples: int, seq_len: int, eval_to
         result["check"] = sparsity.check_pattern(sparse, cfg.n, cfg.m)
         if job.record is not None:
             job.record.metrics = {"ppl": result["ppl_after"], "sparsity": result["check"]["sparsity"]}
+            job.record.counts(result)
         return result
 
     result, cancelled = None, False
     for what, payload in jobs.run(work, sid, "sparsify", base_model=state["ref"], inputs=vars(cfg),
-                                  artifact=str(out)):
+                                  artifact=str(out), config=cfg):
         if what == "progress":
             progress(payload[0], desc=payload[1])
         elif what == "event":
