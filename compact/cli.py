@@ -46,11 +46,31 @@ def _runs(a) -> dict:
 
     rows = runs.RunStore().list(a.kind, a.base, a.status, limit=a.limit)
     if not a.json:
+        print(f"{'id':>5}  {'started':<16}  {'kind':<10} {'status':<10} {'parent':>6} {'params':>12}  "
+              f"{'base':<30} artifact")
         for r in rows:
             started = time.strftime("%Y-%m-%d %H:%M", time.localtime(r["started"]))
-            print(f"{r['id']:>5}  {started}  {r['kind']:<10} {r['status']:<10} "
-                  f"{r['base_model'] or '-':<30} {r['artifact'] or ''}")
+            print(f"{r['id']:>5}  {started}  {r['kind']:<10} {r['status']:<10} {r['parent'] or '-':>6} "
+                  f"{r['params'] or '-':>12}  {r['base_model'] or '-':<30} {r['artifact'] or ''}")
     return {"runs": rows}
+
+
+def _add_reproduce(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run", type=int, help="id of a recorded run (python -m compact runs)")
+    parser.add_argument("--out", required=True,
+                        help="new folder: the final artifact in it, the steps before it in OUT/steps")
+    parser.add_argument("--script", action="store_true", help="only print the commands, run nothing")
+
+
+def _reproduce(a) -> dict:
+    from compact import reproduce, runs
+
+    store = runs.RunStore()
+    if a.script:
+        lines = reproduce.script(store, a.run, a.out)
+        print("\n".join(lines))
+        return {"run": a.run, "commands": lines}
+    return reproduce.run(store, a.run, a.out, progress=progress, runner=run_job)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     for job in JOBS.values():
         add_arguments(sub.add_parser(job.name, help=job.help), job.config)
     _add_runs(sub.add_parser("runs", help="list recorded jobs"))
+    _add_reproduce(sub.add_parser("reproduce", help="remake a recorded run's artifact from its root model"))
     return parser
 
 
@@ -110,7 +131,7 @@ def _record(run, result) -> None:
         run.metrics = result
         shape = result.get("shape")
         run.shape = shape if isinstance(shape, dict) else None
-        run.params = result.get("params") if isinstance(result.get("params"), int) else None
+        run.counts(result)
 
 
 def _takes_events(fn) -> bool:
@@ -161,7 +182,8 @@ def run_job(name: str, cfg) -> dict:
             else:
                 inputs = {k: v for k, v in vars(cfg).items()}
                 base = getattr(cfg, "model", None) or getattr(cfg, "teacher", None)
-                with runs.track(name, base, inputs, artifact=getattr(cfg, "out", None)) as run:
+                with runs.track(name, base, inputs, artifact=getattr(cfg, "out", None) or None, config=cfg,
+                                command=name) as run:
                     result = job.run(cfg, progress=report, should_stop=should_stop, **extra)
                     _record(run, result)
     except Cancelled as e:
@@ -186,6 +208,8 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         if args.command == "runs":
             result = _runs(args)
+        elif args.command == "reproduce":
+            result = _reproduce(args)
         else:
             result = run_job(args.command, from_args(JOBS[args.command].config, args))
     except UserError as e:

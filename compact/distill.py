@@ -330,7 +330,7 @@ def _teacher_model(cfg: DistillConfig, loop: train.Loop, teacher: models.Loaded,
     if loop.main:
         models.save(teacher_model, teacher.tokenizer, corrected_dir,
                     {"kind": "teacher_correction", "teacher": cfg.teacher, "data": cfg.data,
-                     "steps": cfg.teacher_correction_steps, "lr": cfg.lr})
+                     "steps": cfg.teacher_correction_steps, "lr": cfg.lr}, dtype=teacher.source_dtype)
     loop.accelerator.wait_for_everyone()
     return teacher_model
 
@@ -382,7 +382,8 @@ def _finish(cfg: DistillConfig, loop: train.Loop, student: models.Loaded, val) -
               "val_loss_after": None, "val_ppl_after": None,
               "teacher_val_loss": teacher_val, "teacher_val_ppl": _ppl(teacher_val),
               "tokens_per_s": loop.speed(), "train_seconds": loop.seconds, "out": str(loop.out),
-              "device": str(loop.accelerator.device), "processes": loop.world}
+              "device": str(loop.accelerator.device), "processes": loop.world,
+              "params": sum(p.numel() for p in student.model.parameters())}
     if loop.status == "cancelled":
         result["checkpoint"] = str(loop.checkpoint)
         return result
@@ -400,5 +401,5 @@ def _finish(cfg: DistillConfig, loop: train.Loop, student: models.Loaded, val) -
                            "tokens": int(val.numel()) if val is not None else 0},
             "tokens_per_s": loop.speed(),
             "student_meta": student.meta or None}
-    train.save_model(loop, student.tokenizer, meta)
+    train.save_model(loop, student.tokenizer, meta, dtype=student.source_dtype)
     return result

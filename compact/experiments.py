@@ -107,12 +107,18 @@ def _distill(cfg: ExperimentConfig, teacher, student_model, out: Path, kd: float
              on_event=None, should_stop=None) -> dict:
     from compact import distill
 
-    student = models.Loaded(student_model, teacher.tokenizer, teacher.arch, str(out))
+    student = models.Loaded(student_model, teacher.tokenizer, teacher.arch, str(out),
+                            source_dtype=teacher.source_dtype)
     dcfg = distill.DistillConfig(teacher=cfg.model, student=str(out), data=cfg.data, out=str(out),
                                  tokens=cfg.tokens, seq_len=cfg.seq_len, batch=cfg.batch, lr=cfg.lr,
                                  kd_weight=kd, ce_weight=ce, eval_tokens=cfg.eval_tokens, seed=cfg.seed,
                                  device=cfg.device)
     return distill.run(dcfg, on_event=on_event, should_stop=should_stop, teacher=teacher, student=student)
+
+
+def _lineage(cfg: ExperimentConfig) -> dict:
+    """What each arm's record carries: the experiment's config (re-running it remakes the arm)."""
+    return {"config": cfg, "command": "experiment"}
 
 
 def _stop_point(should_stop) -> None:
@@ -158,7 +164,7 @@ def axis_ablation(cfg: ExperimentConfig, on_event=None, should_stop=None, arms=N
             continue
         arm_dir = out / arm.replace(" ", "_").replace("(", "").replace(")", "").replace("+", "_")
         with runs.track("experiment:axis", cfg.model, {"arm": arm, **targets, **asdict(cfg)},
-                        artifact=str(arm_dir), session=cfg.session) as run:
+                        artifact=str(arm_dir), session=cfg.session, **_lineage(cfg)) as run:
             student = prune.trim(copy.deepcopy(teacher.model), scores, **targets)
             shape = teacher.arch.shape(student.config)
             before = evaluate.loss_on(student, val)
@@ -177,7 +183,7 @@ def axis_ablation(cfg: ExperimentConfig, on_event=None, should_stop=None, arms=N
     shape = teacher.arch.shape(random_model.config)
     arm_dir = out / "random_init"
     with runs.track("experiment:axis", cfg.model, {"arm": "random init", **targets},
-                    artifact=str(arm_dir), session=cfg.session) as run:
+                    artifact=str(arm_dir), session=cfg.session, **_lineage(cfg)) as run:
         before = evaluate.loss_on(random_model, val)
         trained = _distill(cfg, teacher, random_model, arm_dir, on_event=on_event, should_stop=should_stop)
         row = {"arm": "random init (width shape)", **_shape_cols(shape), "loss_before": before,
@@ -212,7 +218,7 @@ def kd_vs_ce(cfg: ExperimentConfig, on_event=None, should_stop=None) -> dict:
         arm_dir = Path(cfg.out) / ("kd" if kd else "ce")
         student = copy.deepcopy(pruned)
         with runs.track("experiment:kd-vs-ce", cfg.model, {"arm": arm, **targets},
-                        artifact=str(arm_dir), session=cfg.session) as run:
+                        artifact=str(arm_dir), session=cfg.session, **_lineage(cfg)) as run:
             trained = _distill(cfg, teacher, student, arm_dir, kd=kd, ce=ce, on_event=on_event,
                                should_stop=should_stop)
             shape = teacher.arch.shape(student.config)
@@ -234,19 +240,21 @@ def sparse_methods(cfg: ExperimentConfig, on_event=None, should_stop=None, slorb
     rows = [{"method": "dense", "loss": evaluate.loss_on(dense.model, val), "pattern_ok": None}]
     for method in sparsity.ONE_SHOT:
         _stop_point(should_stop)
-        with runs.track("experiment:sparse", cfg.model, {"method": method}, session=cfg.session) as run:
+        with runs.track("experiment:sparse", cfg.model, {"method": method}, session=cfg.session,
+                        **_lineage(cfg)) as run:
             model = copy.deepcopy(dense.model)
             sparsity.one_shot(model, method, 2, 4, blocks=calib)
             row = {"method": method, "loss": evaluate.loss_on(model, val),
                    "pattern_ok": sparsity.check_pattern(model, 2, 4)["ok"], "tokens": 0}
             run.metrics = row
+            run.counts(sparsity.param_counts(model))
         rows.append(row)
         del model
     for label, k in (("AST", 0), (f"AST + SLoRB (k={slorb_k})", slorb_k)):
         _stop_point(should_stop)
         arm_dir = Path(cfg.out) / ("ast" if not k else "ast_slorb")
         with runs.track("experiment:sparse", cfg.model, {"method": label}, artifact=str(arm_dir),
-                        session=cfg.session) as run:
+                        session=cfg.session, **_lineage(cfg)) as run:
             acfg = sparse_training.AstConfig(
                 model=cfg.model, data=cfg.data, out=str(arm_dir), tokens=cfg.tokens, seq_len=cfg.seq_len,
                 batch=cfg.batch, lr=cfg.lr, eval_tokens=cfg.eval_tokens, seed=cfg.seed, slorb_k=k,
@@ -258,6 +266,7 @@ def sparse_methods(cfg: ExperimentConfig, on_event=None, should_stop=None, slorb
                    "pattern_ok": sparsity.check_pattern(trained.model, 2, 4)["ok"],
                    "tokens": result.get("tokens")}
             run.metrics = row
+            run.counts(sparsity.param_counts(trained.model))
         rows.append(row)
     return _write(Path(cfg.out), "2:4 methods", rows, ["method", "loss", "pattern_ok", "tokens"],
                   {"model": cfg.model, "tokens_per_trained_arm": cfg.tokens})

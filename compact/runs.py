@@ -5,10 +5,17 @@ still marked running whose process is gone is recorded as crashed the next time 
 opens, so nothing is silently lost. The app runs long jobs in worker processes (ui/lanes.py):
 it records those runs itself with the worker's pid, and marks one whose worker stopped when the
 server went away (a checkpoint saved, to resume) as interrupted.
+
+Lineage: each run records the run that made its input model (`parent`, NULL for a root model
+such as 'default' or a Hub id) and its job's config (`config`: command name and fields, enough
+to rebuild it with compact.jobs), so compact.reproduce can re-run a whole chain. The schema is
+versioned with PRAGMA user_version: a store written by older code is upgraded in place, in
+order, by MIGRATIONS.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import socket
@@ -42,7 +49,19 @@ CREATE TABLE IF NOT EXISTS runs (
 );
 CREATE INDEX IF NOT EXISTS runs_base ON runs(base_model);
 """
-JSON_FIELDS = ("inputs", "shape", "metrics")
+# Version n of the schema is SCHEMA plus MIGRATIONS[:n]; each entry is applied once, in order.
+MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    (  # 1: lineage
+        "ALTER TABLE runs ADD COLUMN parent INTEGER",  # the run that made this run's input model
+        "ALTER TABLE runs ADD COLUMN nonzero_params INTEGER",  # sparse models: parameters not zero
+        "ALTER TABLE runs ADD COLUMN config TEXT",  # {"command", "config", "cwd"} as JSON
+        "CREATE INDEX IF NOT EXISTS runs_artifact ON runs(artifact)",
+    ),
+)
+VERSION = len(MIGRATIONS)
+JSON_FIELDS = ("inputs", "shape", "metrics", "config")
+# Config fields that name another job's artifact (a model folder or a scores file).
+REF_FIELDS = ("model", "student", "teacher", "importance")
 
 
 def default_path() -> Path:
@@ -63,9 +82,35 @@ class RunStore:
     def __init__(self, path: str | os.PathLike | None = None):
         self.path = Path(path) if path else default_path()
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self._connect() as db:
-            db.executescript(SCHEMA)
+        self._migrate()
         self.mark_crashed()
+
+    def _migrate(self) -> None:
+        """Create the table, then bring it to VERSION: one transaction, so two processes opening
+        an old store at once upgrade it once."""
+        db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+        try:
+            if db.execute("PRAGMA user_version").fetchone()[0] == VERSION > 0:
+                return  # up to date: no write lock taken
+            db.execute("BEGIN IMMEDIATE")
+            for statement in filter(str.strip, SCHEMA.split(";")):
+                db.execute(statement)
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            if version > VERSION:
+                db.execute("ROLLBACK")
+                raise UserError(f"{self.path} was written by a newer compact (schema {version}, "
+                                f"this one knows {VERSION})")
+            for statements in MIGRATIONS[version:]:
+                for statement in statements:
+                    db.execute(statement)
+            db.execute(f"PRAGMA user_version = {VERSION}")
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+        finally:
+            db.close()
 
     def _connect(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, timeout=30)
@@ -73,26 +118,51 @@ class RunStore:
         return db
 
     def start(self, kind: str, base_model: str | None, inputs: dict | None = None,
-              artifact: str | None = None, session: str | None = None) -> int:
+              artifact: str | None = None, session: str | None = None, parent: int | None = None,
+              config: dict | None = None) -> int:
         with self._connect() as db:
             cur = db.execute(
-                "INSERT INTO runs (kind, base_model, inputs, status, artifact, session, host, pid, started)"
-                " VALUES (?, ?, ?, 'running', ?, ?, ?, ?, ?)",
+                "INSERT INTO runs (kind, base_model, inputs, status, artifact, session, host, pid, started,"
+                " parent, config) VALUES (?, ?, ?, 'running', ?, ?, ?, ?, ?, ?, ?)",
                 (kind, base_model, json.dumps(inputs or {}, default=str), artifact, session,
-                 socket.gethostname(), os.getpid(), time.time()))
+                 socket.gethostname(), os.getpid(), time.time(), parent,
+                 json.dumps(config, default=str) if config is not None else None))
             return int(cur.lastrowid)
 
     def finish(self, run_id: int, status: str, metrics: dict | None = None, shape: dict | None = None,
-               params: int | None = None, error: str | None = None, artifact: str | None = None) -> None:
+               params: int | None = None, error: str | None = None, artifact: str | None = None,
+               nonzero_params: int | None = None) -> None:
         if status not in STATUSES:
             raise ValueError(f"unknown status {status}")
         with self._connect() as db:
             db.execute(
                 "UPDATE runs SET status=?, metrics=?, shape=COALESCE(?, shape), params=COALESCE(?, params),"
-                " error=?, artifact=COALESCE(?, artifact), finished=? WHERE id=?",
+                " error=?, artifact=COALESCE(?, artifact), finished=?,"
+                " nonzero_params=COALESCE(?, nonzero_params) WHERE id=?",
                 (status, json.dumps(metrics or {}, default=str),
                  json.dumps(shape) if shape is not None else None, params, error, artifact,
-                 time.time(), run_id))
+                 time.time(), nonzero_params, run_id))
+
+    def producer(self, ref: str | None, before: int | None = None, cwd: str | None = None) -> int | None:
+        """The id of the newest succeeded run (older than run `before`) whose artifact is ref.
+
+        ref: a model reference or a scores file; a relative path is taken from cwd (default: this
+        process's). None for 'default', a Hub id, or a path no recorded run wrote. A resumed run
+        and the run it continued share their artifact: the finished one is the producer.
+        """
+        if not ref or ref == "default":
+            return None
+        target = _resolved(ref, cwd)
+        sql = "SELECT id, artifact FROM runs WHERE status='succeeded' AND artifact IS NOT NULL"
+        args: tuple = ()
+        if before is not None:
+            sql, args = sql + " AND id<?", (before,)
+        with self._connect() as db:
+            rows = db.execute(sql + " ORDER BY id DESC", args).fetchall()
+        for r in rows:
+            if r["artifact"] == str(target) or _resolved(r["artifact"]) == target:
+                return int(r["id"])
+        return None
 
     def set_pid(self, run_id: int, pid: int) -> None:
         """The process that does the run's work (an app's worker), for crash detection."""
@@ -147,6 +217,26 @@ class RunStore:
         return [_row(r) for r in rows]
 
 
+def _resolved(path: str, cwd: str | None = None) -> Path:
+    p = Path(path).expanduser()
+    return (Path(cwd) / p if cwd and not p.is_absolute() else p).resolve()
+
+
+def config_record(cfg, command: str | None = None) -> dict:
+    """What the config column holds: the command, every field of its config, the working folder
+    (relative paths in the config are relative to it)."""
+    if command is None:
+        from compact.jobs import command_of
+
+        command = command_of(cfg)
+    return {"command": command, "config": dataclasses.asdict(cfg), "cwd": os.getcwd()}
+
+
+def input_ref(cfg) -> str | None:
+    """The model a job starts from: the student of a distillation, else its model."""
+    return getattr(cfg, "student", None) or getattr(cfg, "model", None)
+
+
 def _row(row: sqlite3.Row) -> dict:
     out = dict(row)
     for key in JSON_FIELDS:
@@ -162,43 +252,62 @@ class Run:
         self.metrics: dict = {}
         self.shape: dict | None = None
         self.params: int | None = None
+        self.nonzero_params: int | None = None
         self.artifact: str | None = None
+
+    def counts(self, result: dict) -> None:
+        """params and nonzero_params from a job's result, where it has them."""
+        for key in ("params", "nonzero_params"):
+            if isinstance(result.get(key), int):
+                setattr(self, key, result[key])
+
+    def _finish(self, status: str, metrics: dict, error: str | None = None) -> None:
+        self.store.finish(self.id, status, metrics, self.shape, self.params, error, self.artifact,
+                          self.nonzero_params)
 
 
 @contextmanager
 def track(kind: str, base_model: str | None, inputs: dict | None = None, artifact: str | None = None,
-          session: str | None = None, store: RunStore | None = None):
+          session: str | None = None, store: RunStore | None = None, config=None,
+          command: str | None = None, parent: int | None = None):
     """Record a job: succeeded, failed (with the reason), cancelled or, if the process dies, crashed.
 
-    A UserError means the request itself was bad and no job really ran: its record is removed,
-    so bad input leaves the store as it was. Without a session, a process started for one (an
-    app's worker, COMPACT_SESSION) records under that session.
+    config: the job's config dataclass (command: its name in compact.jobs, found when not given),
+    recorded whole; its input model (input_ref) gives the parent, unless parent is given.
+    The artifact is recorded as an absolute path. A UserError means the request itself was bad
+    and no job really ran: its record is removed, so bad input leaves the store as it was.
+    Without a session, a process started for one (an app's worker, COMPACT_SESSION) records
+    under that session.
     """
     store = store or RunStore()
     session = session if session is not None else os.environ.get(SESSION_ENV) or None
     if artifact:
+        artifact = os.path.abspath(os.path.expanduser(artifact))
         busy = store.writing(artifact)
         if busy is not None:
             raise UserError(f"run {busy} is still writing {artifact}; wait for it or pick another output")
-    run = Run(store, store.start(kind, base_model, inputs, artifact, session))
+    record = None
+    if config is not None:
+        record = config_record(config, command)
+        if parent is None:
+            parent = store.producer(input_ref(config))
+    run = Run(store, store.start(kind, base_model, inputs, artifact, session, parent, record))
     try:
         yield run
     except UserError:
         store.delete(run.id)
         raise
     except Cancelled as stop:
-        metrics = run.metrics or (stop.result if isinstance(stop.result, dict) else {})
-        store.finish(run.id, "cancelled", metrics, run.shape, run.params, None, run.artifact)
+        run._finish("cancelled", run.metrics or (stop.result if isinstance(stop.result, dict) else {}))
         raise
     except (KeyboardInterrupt, SystemExit):
-        store.finish(run.id, "cancelled", run.metrics, run.shape, run.params, "interrupted", run.artifact)
+        run._finish("cancelled", run.metrics, "interrupted")
         raise
     except BaseException as e:
-        store.finish(run.id, "failed", run.metrics, run.shape, run.params,
-                     f"{type(e).__name__}: {e}"[:2000], run.artifact)
+        run._finish("failed", run.metrics, f"{type(e).__name__}: {e}"[:2000])
         raise
     else:
-        store.finish(run.id, "succeeded", run.metrics, run.shape, run.params, None, run.artifact)
+        run._finish("succeeded", run.metrics)
 
 
 # Where each job kind leaves its validation perplexity in the recorded metrics, best first.

@@ -82,11 +82,14 @@ def run(cfg: SparsifyConfig, progress=None, should_stop=None, on_event=None,
                                    should_stop=should_stop)
         models.save(work.model, dense.tokenizer, cfg.out, {
             "source": cfg.model, "sparsify": {"method": cfg.method, "pattern": f"{n}:{m}",
-                                              "data": cfg.data, "samples": cfg.samples}})
+                                              "data": cfg.data, "samples": cfg.samples}},
+            dtype=dense.source_dtype)
+        models.round_to(work.model, dense.source_dtype)  # scored as saved
         sparse = work.model
         result["layers_pruned"] = len(report["layers"])
     progress(0.9, "validation perplexity of the sparse model")
     after = evaluate.perplexity(sparse, val, cfg.batch)
     return {**result, "status": "done", **sparsity.sparsity_summary(sparse, n, m),
+            **sparsity.param_counts(sparse),
             "ppl_before": before["ppl"], "ppl_after": after["ppl"], "loss_before": before["loss"],
             "loss_after": after["loss"], "eval_tokens": before["tokens"]}

@@ -470,6 +470,15 @@ def cslt_search(weight: Tensor, tokens: int) -> int:
         return 0
 
 
+@torch.no_grad()
+def param_counts(model) -> dict:
+    """{"params": parameters, "nonzero_params": those not exactly zero} of the whole model (a
+    tied embedding counted once, SLoRB terms included)."""
+    params = list(model.parameters())
+    return {"params": sum(p.numel() for p in params),
+            "nonzero_params": sum(int(torch.count_nonzero(p)) for p in params)}
+
+
 def sparsity_summary(model, n: int, m: int) -> dict:
     res = check_pattern(model, n, m)
     return {"pattern": res["pattern"], "pattern_ok": res["ok"], "sparsity": res["sparsity"],

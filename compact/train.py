@@ -460,9 +460,10 @@ def save_checkpoint(loop: Loop) -> None:
     acc.wait_for_everyone()
 
 
-def save_model(loop: Loop, tokenizer, meta: dict) -> None:
+def save_model(loop: Loop, tokenizer, meta: dict, dtype: torch.dtype | None = None) -> None:
     """hooks.finalize, then the trained model with meta (and the hooks' extra) into the output
-    folder, whose checkpoint is no longer needed."""
+    folder, whose checkpoint is no longer needed. dtype: the dtype to write (the student's
+    source's; the fp32 master weights stay in memory)."""
     extra_meta = loop.hooks.finalize(loop.model) or {}
     state_dict = None
     if loop.accelerator.distributed_type.name == "FSDP":
@@ -470,7 +471,8 @@ def save_model(loop: Loop, tokenizer, meta: dict) -> None:
         full = loop.accelerator.get_state_dict(loop.module)
         state_dict = {k[len("model."):]: v for k, v in full.items() if k.startswith("model.")}
     if loop.main:
-        models.save(loop.model, tokenizer, loop.out, {**meta, **extra_meta}, state_dict=state_dict)
+        models.save(loop.model, tokenizer, loop.out, {**meta, **extra_meta}, state_dict=state_dict,
+                    dtype=dtype)
         shutil.rmtree(loop.checkpoint, ignore_errors=True)
     loop.accelerator.wait_for_everyone()
 

@@ -136,6 +136,14 @@ def test_export_command_and_zip(client, flow):
     assert "python -m compact importance --model default" in command
     assert "python -m compact prune --model default" in command
     assert "--layers 24 --hidden 384 --ffn 1024 --heads 6" in command
+    # the runs store's chain from the root model: the importance run the prune read, then the prune
+    chain = client.predict(out, api_name="/export_reproduce").splitlines()
+    assert chain[1].startswith("python -m compact reproduce ") and chain[1].endswith(" --out remade")
+    steps = chain[3:]
+    assert [line.split()[3] for line in steps] == ["importance", "prune"]
+    assert "--out remade/steps/1-importance.safetensors" in steps[0]
+    assert "--importance remade/steps/1-importance.safetensors" in steps[1]
+    assert f"--out remade/{Path(out).name}" in steps[1]
     archive = client.predict(out, api_name="/export_zip")
     names = zipfile.ZipFile(archive).namelist()
     assert any(n.endswith("config.json") for n in names) and any(n.endswith(".safetensors") for n in names)

@@ -90,6 +90,23 @@ def _steps(folder):
     return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
 
 
+def test_student_is_saved_in_its_source_dtype(tmp_path, pair, tokenizer):
+    """Trained in float32, saved in the dtype the student's checkpoint records: reloaded in that
+    dtype it is the trained student, exactly."""
+    teacher, student, _ = pair
+    loaded = _loaded(copy.deepcopy(student), tokenizer, "tiny-student")
+    loaded.source_dtype = torch.bfloat16
+    result = distill.run(_config(pair, tmp_path / "out"), teacher=_loaded(teacher, tokenizer, "tiny-teacher"),
+                         student=loaded)
+    assert result["params"] == sum(p.numel() for p in student.parameters())
+    assert {t.dtype for t in _weights(tmp_path / "out").values()} == {torch.bfloat16}
+    assert next(loaded.model.parameters()).dtype == torch.float32  # the master weights in memory
+    reloaded = models.load(str(tmp_path / "out"), device="cpu", dtype="bfloat16").model
+    ids = torch.randint(0, 1000, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids).logits, copy.deepcopy(loaded.model).to(torch.bfloat16)(ids).logits)
+
+
 @pytest.mark.slow
 def test_interrupted_and_resumed_run_ends_bit_identical(tmp_path, pair, tokenizer):
     """Uninterrupted vs cancelled at step 2 + resumed vs crashed after the step-2 checkpoint +

@@ -375,3 +375,25 @@ def test_llama_hidden_must_stay_a_multiple_of_heads(make_model, tmp_path):
     assert all(shape_error(s) is None for s in candidates(shape, int(shape.params * 0.8), 0.2, hidden_step=4))
     qwen = arch_mod.for_model(make_model("qwen2")).shape(make_model("qwen2").config)
     assert resolve_targets(qwen, hidden=62, heads=4)[0].hidden == 62  # Qwen2's config allows it
+
+
+def test_pruned_checkpoint_keeps_the_source_dtype(make_model, tokenizer, tmp_path):
+    """A bfloat16 source loads in float32 on the CPU, and its pruned copy is saved in bfloat16:
+    compared in that dtype, the reloaded checkpoint gives the pruned model's logits exactly."""
+    src = models.save(make_model("llama"), tokenizer, tmp_path / "src", {}, dtype=torch.bfloat16)
+    assert json.loads((src / "config.json").read_text())["dtype"] == "bfloat16"
+    loaded = models.load(str(src), device="cpu")
+    assert loaded.source_dtype == torch.bfloat16 and next(loaded.model.parameters()).dtype == torch.float32
+    scores = fake_scores(loaded.model)
+    targets = dict(layers=3, ffn=96, heads=2)
+    prune.prune_and_save(loaded, scores, tmp_path / "out", **targets)
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["dtype"] == "bfloat16"
+    from safetensors.torch import load_file
+
+    saved = load_file(str(tmp_path / "out" / "model.safetensors"))
+    assert {t.dtype for t in saved.values()} == {torch.bfloat16}
+    in_memory = prune.trim(loaded.model, scores, **targets).to(torch.bfloat16)
+    reloaded = models.load(str(tmp_path / "out"), device="cpu", dtype="bfloat16")
+    assert reloaded.source_dtype == torch.bfloat16
+    ids = calib(len(tokenizer), n=2)
+    assert torch.equal(logits(reloaded.model, ids), logits(in_memory, ids))

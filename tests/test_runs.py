@@ -1,10 +1,11 @@
 import json
+import sqlite3
 import subprocess
 import sys
 
 import pytest
 
-from compact import runs
+from compact import prune, runs
 from compact.errors import Cancelled, UserError
 from tests.helpers import ROOT, run_cli
 
@@ -105,3 +106,110 @@ def test_a_process_started_for_a_session_records_under_it(tmp_path, monkeypatch)
     assert [r["session"] for r in rows] == [None, "given", "abc"]
     store.set_pid(rows[0]["id"], 4321)
     assert store.get(rows[0]["id"])["pid"] == 4321
+
+
+# The store as git HEAD wrote it before lineage (schema 0): the exact CREATE statements.
+SCHEMA_0 = """
+CREATE TABLE IF NOT EXISTS runs (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    kind TEXT NOT NULL,
+    base_model TEXT,
+    inputs TEXT NOT NULL DEFAULT '{}',
+    shape TEXT,
+    params INTEGER,
+    metrics TEXT NOT NULL DEFAULT '{}',
+    status TEXT NOT NULL,
+    error TEXT,
+    artifact TEXT,
+    session TEXT,
+    host TEXT,
+    pid INTEGER,
+    started REAL NOT NULL,
+    finished REAL
+);
+CREATE INDEX IF NOT EXISTS runs_base ON runs(base_model);
+"""
+
+
+def _schema_0_store(path):
+    db = sqlite3.connect(path)
+    db.executescript(SCHEMA_0)
+    rows = [("prune", "default", '{"ffn": 512}', '{"layers": 30}', 100, '{"ppl": 12.5}', "succeeded", None,
+             "/x/pruned", "s1", "h", 1, 10.0, 11.0),
+            ("distill", "default", "{}", None, None, "{}", "failed", "RuntimeError: oom", "/x/d", None, "h",
+             2, 12.0, 13.0)]
+    db.executemany("INSERT INTO runs (kind, base_model, inputs, shape, params, metrics, status, error,"
+                   " artifact, session, host, pid, started, finished)"
+                   " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+    db.commit()
+    before = [tuple(r) for r in db.execute("SELECT * FROM runs ORDER BY id")]
+    db.close()
+    return before
+
+
+def test_store_of_schema_0_upgrades_with_nothing_lost(tmp_path):
+    db = tmp_path / "runs.sqlite"
+    before = _schema_0_store(db)
+    store = runs.RunStore(db)
+    store = runs.RunStore(db)  # a second open finds it up to date
+    con = sqlite3.connect(db)
+    assert con.execute("PRAGMA user_version").fetchone()[0] == runs.VERSION >= 1
+    columns = [r[1] for r in con.execute("PRAGMA table_info(runs)")]
+    assert columns[:15] == ["id", "kind", "base_model", "inputs", "shape", "params", "metrics", "status",
+                            "error", "artifact", "session", "host", "pid", "started", "finished"]
+    assert {"parent", "nonzero_params", "config"} <= set(columns)
+    after = [tuple(r)[:15] for r in con.execute("SELECT * FROM runs ORDER BY id")]
+    assert after == before  # every old value, untouched
+    old = store.get(1)
+    assert old["metrics"] == {"ppl": 12.5} and old["params"] == 100 and old["parent"] is None
+    assert old["config"] is None and old["nonzero_params"] is None
+    # new runs go on after the old ids, and find their parent among the old runs
+    cfg = prune.PruneConfig(model="/x/pruned", out=str(tmp_path / "again"), ffn=256)
+    with runs.track("prune", cfg.model, artifact=cfg.out, config=cfg, store=store) as run:
+        run.params, run.nonzero_params = 90, 45
+    new = store.get(3)
+    assert new["parent"] == 1 and new["config"]["command"] == "prune"
+    assert (new["params"], new["nonzero_params"]) == (90, 45)
+
+
+def test_store_of_a_newer_schema_is_refused(tmp_path):
+    db = tmp_path / "runs.sqlite"
+    runs.RunStore(db)
+    con = sqlite3.connect(db)
+    con.execute(f"PRAGMA user_version = {runs.VERSION + 1}")
+    con.commit()
+    con.close()
+    with pytest.raises(UserError, match="newer compact"):
+        runs.RunStore(db)
+
+
+def test_parent_is_the_finished_run_that_wrote_the_input(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    store = runs.RunStore(tmp_path / "runs.sqlite")
+
+    def prune_run(model, out, status="succeeded"):
+        cfg = prune.PruneConfig(model=model, out=out, layers=2)
+        try:
+            with runs.track("prune", model, artifact=out, config=cfg, store=store) as run:
+                if status == "cancelled":
+                    raise Cancelled("stopped")
+                if status == "failed":
+                    raise RuntimeError("broke")
+        except (Cancelled, RuntimeError):
+            pass
+        return run.id
+
+    root = prune_run("default", "a")
+    assert store.get(root)["parent"] is None and store.get(root)["artifact"] == str(tmp_path / "a")
+    failed = prune_run("a", "b", "failed")
+    assert store.get(failed)["parent"] == root  # relative refs are the same folder as the artifact
+    child = prune_run(str(tmp_path / "b"), "c")
+    assert store.get(child)["parent"] is None  # b's only run failed: b is no artifact of a run
+    cancelled = prune_run("a", "d", "cancelled")
+    resumed = prune_run("a", "d")
+    assert store.producer("d") == resumed and store.producer("d", before=resumed) is None
+    assert store.get(prune_run("./d/", "e"))["parent"] == resumed
+    record = store.get(cancelled)["config"]
+    assert record["cwd"] == str(tmp_path)
+    assert prune.PruneConfig(**record["config"]) == prune.PruneConfig(model="a", out="d", layers=2)
+    assert store.producer("default") is None and store.producer("HuggingFaceTB/SmolLM2-135M") is None

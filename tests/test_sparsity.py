@@ -277,3 +277,27 @@ def test_cli_bad_pattern_exits_2(pattern, message, tiny_checkpoint, tmp_path):
     assert proc.returncode == 2, proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and message in last and "Traceback" not in proc.stderr
+
+
+def test_sparsify_saves_in_the_source_dtype_and_scores_what_it_saved(make_model, tokenizer, tmp_path):
+    """SparseGPT changes the kept weights; the bfloat16 source's sparse copy is saved in bfloat16,
+    and the model it scored (and reports counts of) is that checkpoint, exactly."""
+    from compact import sparsify
+    from tests.helpers import calib_text
+
+    src = models.save(make_model("llama"), tokenizer, tmp_path / "src", {}, dtype=torch.bfloat16)
+    dense = models.load(str(src), device="cpu")
+    student = models.Loaded(copy.deepcopy(dense.model), dense.tokenizer, dense.arch, dense.ref,
+                            source_dtype=dense.source_dtype)
+    cfg = sparsify.SparsifyConfig(model=str(src), out=str(tmp_path / "sparse"), method="sparsegpt",
+                                  data=str(calib_text(tmp_path)), samples=4, seq_len=32, eval_tokens=64,
+                                  device="cpu")
+    result = sparsify.run(cfg, dense=dense, student=student)
+    with safe_open(str(tmp_path / "sparse" / "model.safetensors"), "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
+    reloaded = models.load(cfg.out, device="cpu")  # float32, from the bfloat16 file
+    saved = dict(reloaded.model.named_parameters())
+    assert all(torch.equal(p, saved[k]) for k, p in student.model.named_parameters())
+    params = sum(p.numel() for p in reloaded.model.parameters())
+    nonzero = sum(int(torch.count_nonzero(p)) for p in reloaded.model.parameters())
+    assert (result["params"], result["nonzero_params"]) == (params, nonzero) and nonzero < params

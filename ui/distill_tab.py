@@ -96,6 +96,7 @@ def train(cfg: DistillConfig, state: dict, sid: str, progress):
         result = lanes.run_worker(cfg, job, sid) if lanes.enabled() else in_process(job)
         if job.record is not None:
             job.record.metrics = {k: result.get(k) for k in ("loss", "val_ppl_before", "val_ppl_after")}
+            job.record.counts(result)
         return result
 
     # A resumed run is reproduced by the run it continues: the command never says --resume.
@@ -105,7 +106,7 @@ def train(cfg: DistillConfig, state: dict, sid: str, progress):
                                                                            "status": "running"}))
     result, cancelled = None, False
     for what, payload in jobs.run(work, sid, "distill", base_model=student,
-                                  inputs=cfg.training_settings(), artifact=str(out)):
+                                  inputs=cfg.training_settings(), artifact=str(out), config=cfg):
         if what == "progress":
             progress(payload[0], desc=payload[1])
         elif what == "event":

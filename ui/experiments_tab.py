@@ -59,7 +59,8 @@ def run(name: str, keep: float, tokens: int, seq_len: int, batch: int, samples: 
         return experiments.run(cfg, job.progress, job.should_stop)
 
     result = jobs.run_to_end(work, sid, f"experiment:{name}", progress, base_model=state["ref"],
-                             inputs={"keep": cfg.keep, "tokens": cfg.tokens}, artifact=str(out))
+                             inputs={"keep": cfg.keep, "tokens": cfg.tokens}, artifact=str(out),
+                             config=cfg)
     cmd = command_line(cfg)
     st.add_output(state, st.Output("experiment", str(out), cmd, state["ref"], {"experiment": name}))
     return table(result), figure(result), f"Results in `{out}` (results.md, results.json)", state

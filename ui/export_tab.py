@@ -1,4 +1,5 @@
-"""Export tab: download an output as a zip, push it to the Hub, and the command that remakes it."""
+"""Export tab: download an output as a zip, push it to the Hub, and the commands that remake it:
+this session's, and (when a recorded run made it) the whole chain from the root model."""
 
 from __future__ import annotations
 
@@ -29,6 +30,31 @@ def describe(path: str | None, state: dict | None):
     size = (path.stat().st_size if path.is_file() else st.folder_bytes(path)) if path.exists() else 0
     # The size first, so nobody starts a download they cannot take (weights are stored, not deflated).
     return out.command, f"**{out.kind}** from `{out.source}` at `{out.path}` · zip about {gib(size)}"
+
+
+REMADE = "remade"  # the folder the chain script writes into
+
+
+def chain_script(path: str | None, state: dict | None) -> str:
+    """`python -m compact reproduce RUN` and the chain's step-by-step commands, from the runs
+    store (compact.reproduce), when a recorded run made the output; else empty."""
+    from compact import reproduce, runs
+    from compact.errors import UserError
+
+    out = st.find_output(state, path) if path else None
+    if out is None:
+        return ""
+    store = runs.RunStore()
+    run_id = store.producer(out.path)
+    if run_id is None:
+        return ""
+    try:
+        lines = reproduce.script(store, run_id, REMADE)
+    except UserError as e:
+        return f"# run {run_id} cannot be reproduced: {e}"
+    return "\n".join([f"# run {run_id} from its root model, in one command:",
+                      f"python -m compact reproduce {run_id} --out {REMADE}",
+                      "# or step by step:", *lines])
 
 
 @jobs.user_errors
@@ -167,6 +193,8 @@ def build(ctx: Ctx) -> None:
         output = gr.Dropdown([], value=None, allow_custom_value=True, label="Output")
         what = gr.Markdown("Pick an output of this session.")
         cmd = gr.Code(label="Command that reproduces it", language="shell", interactive=False)
+        chain = gr.Code(label="The whole chain from the root model (recorded runs)", language="shell",
+                        interactive=False)
         with gr.Row():
             zip_btn = gr.Button("Download as zip")
             file = gr.File(label="Zip", interactive=False)
@@ -191,6 +219,7 @@ def build(ctx: Ctx) -> None:
                 curves_btn = gr.Button("Loss curves")
             curves_fig = gr.Plot(label="Training loss")
     output.change(describe, [output, ctx.state], [cmd, what], api_name="export_command")
+    output.change(chain_script, [output, ctx.state], chain, api_name="export_reproduce")
     zip_btn.click(make_zip, [output, ctx.state], file, api_name="export_zip")
     push_btn.click(push, [output, repo_id, token, private, ctx.state], pushed, api_name="push")
     ctx.on_outputs.append((choices, [ctx.state], [output]))

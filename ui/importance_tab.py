@@ -59,7 +59,8 @@ def run(src: str, samples: int, seq_len: int, batch_agg: str, seq_agg: str, dept
                                       seq_len=seq_len, batch_agg=batch_agg, seq_agg=seq_agg,
                                       depth_ppl=bool(depth_ppl), out=str(out))
     jobs.run_to_end(lambda job: importance.run(cfg, job.progress, job.should_stop, loaded=loaded),
-                    sid, "importance", progress, base_model=state["ref"], inputs=vars(cfg), artifact=str(out))
+                    sid, "importance", progress, base_model=state["ref"], inputs=vars(cfg), artifact=str(out),
+                    config=cfg)
     scores = importance.Scores.load(out)
     cmd = command_line(cfg)
     state.update(scores=scores, scores_path=str(out), scores_ref=state["ref"], scores_command=cmd)

@@ -98,8 +98,10 @@ def cancel(request: gr.Request = None) -> str:
 
 
 def run(work: Callable[[Job], Any], sid: str, kind: str, base_model: str | None = None,
-        inputs: dict | None = None, artifact: str | None = None) -> Iterator[tuple[str, Any]]:
+        inputs: dict | None = None, artifact: str | None = None, config=None) -> Iterator[tuple[str, Any]]:
     """Run work(job) in a thread; yield what it reports.
+
+    config: the job's config dataclass, recorded with the run (its lineage: compact.runs.track).
 
     Yields ("progress", (fraction, message)), ("event", dict), then ("done", result) or
     ("cancelled", what the job had: Cancelled.result, or None). A UserError in the worker
@@ -113,7 +115,7 @@ def run(work: Callable[[Job], Any], sid: str, kind: str, base_model: str | None 
 
     def target() -> None:
         try:
-            with runs.track(kind, base_model, inputs, artifact, session=sid) as record:
+            with runs.track(kind, base_model, inputs, artifact, session=sid, config=config) as record:
                 job.record = record
                 oom = None
                 try:

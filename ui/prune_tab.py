@@ -137,7 +137,7 @@ def run_prune(base: Shape | None, layers, hidden, ffn, heads, depth_metric: str,
         return result
 
     result = jobs.run_to_end(work, sid, "prune", progress, base_model=state["ref"], inputs=vars(cfg),
-                             artifact=str(out))
+                             artifact=str(out), config=cfg)
     with _BASELINE_LOCK:
         _BASELINE[key] = result.pop("before")
     cmd = command_line(cfg)

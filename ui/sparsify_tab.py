@@ -101,11 +101,12 @@ def sparsify_job(cfg: SparsifyConfig, state: dict, sid: str, progress):
         result["check"] = sparsity.check_pattern(sparse, cfg.n, cfg.m)
         if job.record is not None:
             job.record.metrics = {"ppl": result["ppl_after"], "sparsity": result["check"]["sparsity"]}
+            job.record.counts(result)
         return result
 
     result, cancelled = None, False
     for what, payload in jobs.run(work, sid, "sparsify", base_model=ref, inputs=vars(cfg),
-                                  artifact=str(out)):
+                                  artifact=str(out), config=cfg):
         if what == "progress":
             progress(payload[0], desc=payload[1])
         elif what == "event":

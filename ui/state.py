@@ -151,7 +151,7 @@ class ModelCache:
         """A private copy for jobs that change the weights; the tokenizer is shared."""
         loaded = self.get(ref)
         return models.Loaded(copy.deepcopy(loaded.model), loaded.tokenizer, loaded.arch,
-                             loaded.ref, dict(loaded.meta))
+                             loaded.ref, dict(loaded.meta), loaded.source_dtype)
 
     def _share_tokenizer(self, loaded: models.Loaded) -> None:
         """Pruned and sparse checkpoints carry a copy of their source's tokenizer. Using the one
