@@ -57,6 +57,9 @@ def test_experiments_end_to_end_on_a_tiny_model(tiny_checkpoint, tmp_path, monke
     assert (tmp_path / "axis" / "results.md").read_text().count("\n|") >= 5
     recorded = runs.RunStore().list()
     assert len(recorded) == 3 and {r["status"] for r in recorded} == {"succeeded"}
+    # each arm: the experiment's config (re-running it remakes the arm), a root parent, its size
+    assert all(r["config"]["command"] == "experiment" and r["config"]["config"]["keep"] == 0.995
+               and r["parent"] is None and r["params"] == r["metrics"]["params"] > 0 for r in recorded)
 
     cfg.out = str(tmp_path / "kd")
     kd = experiments.kd_vs_ce(cfg)
