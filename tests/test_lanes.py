@@ -30,7 +30,8 @@ SEQ, BATCH = 32, 2
 # What an in-process distillation returned (compact.distill._finish), and a cancelled one besides.
 RESULT_FIELDS = {"status", "steps", "total_steps", "tokens", "loss", "kd", "ce", "hidden", "val_loss_before",
                  "val_ppl_before", "val_loss_after", "val_ppl_after", "teacher_val_loss", "teacher_val_ppl",
-                 "tokens_per_s", "train_seconds", "out", "device", "processes"}
+                 "tokens_per_s", "train_seconds", "out", "device", "processes",
+                 "params"}  # the student's parameter count (lineage)
 
 
 def prepare(folder: Path, make_model, tokenizer) -> dict:
