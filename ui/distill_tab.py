@@ -58,10 +58,8 @@ def run(teacher: str, student: str, src: str, tokens: int, seq_len: int, batch: 
         raise gr.Error("nothing to resume: this session has no cancelled distillation of that student")
     if resume:
         out = Path(previous.path)
-    else:  # the student, and while training a checkpoint of fp32 weights and two Adam moments
-        student_loaded = st.CACHE.get(student)
-        params = sum(p.numel() for p in student_loaded.model.parameters())
-        out = st.next_output(sid, "distilled", st.checkpoint_bytes(student_loaded) + 12 * params)
+    else:
+        out = st.next_output(sid, "distilled", st.checkpoint_bytes(st.CACHE.get(student), training=True))
     cfg = DistillConfig(teacher=teacher, student=student, data=src, out=str(out), tokens=int(tokens),
                         seq_len=int(seq_len), batch=int(batch), lr=float(lr), temperature=float(temperature),
                         kd_weight=float(kd_weight), ce_weight=float(ce_weight),

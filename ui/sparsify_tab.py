@@ -56,10 +56,7 @@ def run(method: str, pattern: str, src: str, samples: int, seq_len: int, eval_to
             raise gr.Error("nothing to resume: this session has no cancelled AST run")
         out = Path(previous.path)
     else:
-        # AST also keeps a training checkpoint: fp32 weights and two Adam moments, 12 bytes a weight
-        dense_model = current(state)
-        extra = 12 * sum(p.numel() for p in dense_model.model.parameters()) if method == "ast" else 0
-        out = st.next_output(sid, "sparse", st.checkpoint_bytes(dense_model) + extra)
+        out = st.next_output(sid, "sparse", st.checkpoint_bytes(current(state), training=method == "ast"))
     cfg = SparsifyConfig(model=state["ref"], out=str(out), method=method, pattern=pattern,
                          data=st.check_data(src), samples=int(samples), seq_len=int(seq_len),
                          eval_tokens=int(eval_tokens), tokens=int(tokens), batch=int(batch), lr=float(lr),

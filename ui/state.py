@@ -76,11 +76,13 @@ def model_bytes(model) -> int:
     return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
 
 
-def checkpoint_bytes(loaded: models.Loaded, params: int | None = None) -> int:
+def checkpoint_bytes(loaded: models.Loaded, params: int | None = None, training: bool = False) -> int:
     """What a saved copy of a model (or of a pruned one with `params`) weighs on disk, in the
-    dtype it is saved in (the source's, when the loader recorded it)."""
+    dtype it is saved in (the source's, when the loader recorded it); `training` adds the
+    training checkpoint kept meanwhile: fp32 weights and two Adam moments, 12 bytes a weight."""
     dtype = getattr(loaded, "source_dtype", None) or next(loaded.model.parameters()).dtype
-    return (params or sum(p.numel() for p in loaded.model.parameters())) * dtype.itemsize
+    params = params or sum(p.numel() for p in loaded.model.parameters())
+    return params * (dtype.itemsize + (12 if training else 0))
 
 
 def check_ref(ref: str | None) -> str:
