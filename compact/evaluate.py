@@ -162,20 +162,14 @@ class GenerateConfig(LoadOptions):
     chat: bool = option(False, "wrap the prompt in the chat template")
 
 
-def _load(cfg, loaded):
-    from compact import models
-
-    return loaded or models.load(cfg.model, **cfg.load_kwargs())
-
-
 def info_job(cfg: InfoConfig, progress=None, should_stop=None, loaded=None) -> dict:
-    return _load(cfg, loaded).info()
+    return loaded or cfg.load(cfg.model).info()
 
 
 def eval_job(cfg: EvalConfig, progress=None, should_stop=None, loaded=None) -> dict:
     from compact import data
 
-    loaded = _load(cfg, loaded)
+    loaded = loaded or cfg.load(cfg.model)
     blocks = data.blocks(cfg.data, loaded.tokenizer, "validation", data.n_blocks_for(cfg.tokens, cfg.seq_len),
                          cfg.seq_len, model=loaded.model)
     return {"model": cfg.model, "data": cfg.data, "seq_len": cfg.seq_len,
@@ -183,6 +177,6 @@ def eval_job(cfg: EvalConfig, progress=None, should_stop=None, loaded=None) -> d
 
 
 def generate_job(cfg: GenerateConfig, progress=None, should_stop=None, loaded=None) -> dict:
-    loaded = _load(cfg, loaded)
+    loaded = loaded or cfg.load(cfg.model)
     return {"model": cfg.model, **generate(loaded.model, loaded.tokenizer, cfg.prompt, cfg.max_new_tokens,
                                            cfg.temperature, cfg.top_p, cfg.seed, cfg.chat)}

@@ -347,9 +347,8 @@ class ImportanceConfig(CalibrationOptions, LoadOptions):
 def run(cfg: ImportanceConfig, progress: Progress | None = None, should_stop: StopCheck | None = None,
         loaded=None) -> dict:
     """The importance job: estimate every score on the calibration blocks, save them to cfg.out."""
-    from compact import models
 
-    loaded = loaded or models.load(cfg.model, **cfg.load_kwargs())
+    loaded = loaded or cfg.load(cfg.model)
     scores = cfg.estimate(loaded, cfg.depth_ppl, progress, should_stop)
     path = scores.save(cfg.out)
     order = scores.layers_bi.argsort().tolist()

@@ -37,9 +37,13 @@ class LoadOptions:
     trust_remote_code: bool = option(False, "allow a model's own code to run")
     allow_pickle: bool = option(False, "allow loading pickle (.bin) weights")
 
-    def load_kwargs(self) -> dict:
-        return dict(device=self.device, dtype=self.dtype, trust_remote_code=self.trust_remote_code,
-                    allow_pickle=self.allow_pickle)
+    def load(self, ref: str, **override):
+        """compact.models.load(ref) with these options (override: e.g. another device)."""
+        from compact import models
+
+        return models.load(ref, **{**dict(device=self.device, dtype=self.dtype,
+                                          trust_remote_code=self.trust_remote_code,
+                                          allow_pickle=self.allow_pickle), **override})
 
 
 def options(cls_or_cfg) -> list[dataclasses.Field]:

@@ -367,9 +367,8 @@ def run(cfg: PruneConfig, progress: Progress | None = None, should_stop: StopChe
         loaded=None, scores: Scores | None = None, before: dict | None = None) -> dict:
     """The prune job: check the targets, get scores if the target needs them, trim and save;
     with cfg.eval_tokens, validation perplexity before (unless given) and after."""
-    from compact import models
 
-    loaded = loaded or models.load(cfg.model, **cfg.load_kwargs())
+    loaded = loaded or cfg.load(cfg.model)
     targets = cfg.targets()
     # Validate the targets before any slow pass: scores are only needed past this point.
     target, drop = resolve_targets(loaded.shape, cfg.layers, cfg.hidden, cfg.ffn, cfg.heads,
@@ -390,9 +389,9 @@ def run(cfg: PruneConfig, progress: Progress | None = None, should_stop: StopChe
 
 
 def _before_after(cfg: PruneConfig, loaded, before: dict | None, progress) -> dict:
-    from compact import data, evaluate, models
+    from compact import data, evaluate
 
-    pruned = models.load(cfg.out, **{**cfg.load_kwargs(), "device": str(loaded.device)}).model
+    pruned = cfg.load(cfg.out, device=str(loaded.device)).model
     seq = min(cfg.seq_len, evaluate.context_length(pruned))
     val = data.blocks(cfg.data, loaded.tokenizer, "validation", data.n_blocks_for(cfg.eval_tokens, seq), seq,
                       model=loaded.model)

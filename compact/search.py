@@ -174,10 +174,9 @@ class SearchConfig(TargetOptions, LoadOptions):
 def run(cfg: SearchConfig, progress: Progress | None = None, should_stop: StopCheck | None = None,
         loaded=None, scores: Scores | None = None) -> dict:
     """The search job: shapes within the budget, pruned with the same scores and ranked."""
-    from compact import models
 
     cfg.check()
-    loaded = loaded or models.load(cfg.model, **cfg.load_kwargs())
+    loaded = loaded or cfg.load(cfg.model)
     budget = parse_params(cfg.params, loaded.shape.params)
     found = candidates(loaded.shape, budget, cfg.tolerance, **cfg.grid(), hidden_step=cfg.hidden_step,
                        ffn_step=cfg.ffn_step, min_fraction=cfg.min_fraction,

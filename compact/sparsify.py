@@ -51,7 +51,7 @@ def run(cfg: SparsifyConfig, progress=None, should_stop=None, on_event=None,
     n, m = sparsity.parse_pattern(cfg.pattern)
     progress = progress or (lambda f, msg: None)
     if dense is None:
-        dense = models.load(cfg.model, **cfg.load_kwargs())
+        dense = cfg.load(cfg.model)
         student = student or (dense if cfg.method != "ast" else None)
     sparsity.check_widths(dense.model, m)
     seq = min(cfg.seq_len, evaluate.context_length(dense.model))
@@ -70,7 +70,7 @@ def run(cfg: SparsifyConfig, progress=None, should_stop=None, on_event=None,
         except Cancelled as stop:
             raise Cancelled(str(stop), {**result, "status": "cancelled", "training": stop.result}) from None
         result["training"] = trained
-        sparse = models.load(cfg.out, **cfg.load_kwargs()).model
+        sparse = cfg.load(cfg.out).model
     else:
         spec = sparsity.ONE_SHOT[cfg.method]
         calib = None
