@@ -17,9 +17,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from compact import data, losses, models, train
+from compact import data, losses, models, scoreboard, train
 from compact.errors import Cancelled, UserError
 from compact.options import option
+from compact.scoreboard import ScoreOptions
 from compact.train import TrainHooks
 
 # Settings that change what training computes; a resumed run must match them.
@@ -30,7 +31,7 @@ TOKENIZER_PROBE = "Distillation needs the same tokenizer: naïve café, 12345, <
 
 
 @dataclass(kw_only=True)
-class DistillConfig(train.TrainingOptions):
+class DistillConfig(ScoreOptions, train.TrainingOptions):
     teacher: str = option(help="teacher REF")
     student: str = option(help="student REF (e.g. a pruned checkpoint)")
     out: str = option("", "folder for the trained student and checkpoints")
@@ -263,6 +264,8 @@ def run(cfg: DistillConfig, hooks: TrainHooks | None = None, on_event=None, shou
     loop = train.start(cfg, hooks)
     emit = train.relay(on_event, progress) if loop.main else (lambda e: None)
     teacher, student = _load(cfg, loop, teacher, student)
+    # Scored from disk before training: the output folder may be the student's own.
+    before = scoreboard.score(cfg.student, load=cfg) if cfg.score and loop.main else None
     blocks, val = _data(cfg, loop, teacher)
     train.open_folder(loop)
     teacher_model = _teacher_model(cfg, loop, teacher, blocks, emit)
@@ -285,6 +288,8 @@ def run(cfg: DistillConfig, hooks: TrainHooks | None = None, on_event=None, shou
         teacher_model.train(teacher_was_training)
     result = _finish(cfg, loop, student, val)
     train.close(loop, original_dtype)
+    if before is not None and result["status"] != "cancelled":
+        result["canonical"] = scoreboard.pair(before, scoreboard.score(result["out"], load=cfg))
     emit({"kind": "done", **result})
     if result["status"] == "cancelled":
         raise Cancelled(f"stopped after step {result['steps']}; a checkpoint is saved (--resume continues)",

@@ -13,6 +13,7 @@ results.md under its output folder.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 from dataclasses import asdict, dataclass
@@ -20,9 +21,10 @@ from pathlib import Path
 
 import torch
 
-from compact import data, evaluate, models, runs
+from compact import data, evaluate, models, runs, scoreboard
 from compact.errors import Cancelled, UserError
-from compact.options import option
+from compact.options import LoadOptions, option
+from compact.scoreboard import ScoreOptions
 from compact.shapes import Shape, shape_error, valid_values
 
 # Each arm names the axes it shrinks; combinations shrink their axes by one common factor.
@@ -38,7 +40,7 @@ AXIS_ARMS = {
 
 
 @dataclass(kw_only=True)
-class ExperimentConfig:
+class ExperimentConfig(ScoreOptions):
     name: str = option("axis-ablation", "which finding to test", positional=True,
                        choices=("axis-ablation", "kd-vs-ce", "sparse-methods"))
     model: str = option("default", "Hub id, local folder, .gguf file or 'default'")
@@ -116,6 +118,14 @@ def _distill(cfg: ExperimentConfig, teacher, student_model, out: Path, kd: float
     return distill.run(dcfg, on_event=on_event, should_stop=should_stop, teacher=teacher, student=student)
 
 
+def _canonical(cfg: ExperimentConfig, ref: str | None, loaded=None) -> dict:
+    """An arm's canonical perplexity for its row, with cfg.score: a saved arm scored (and cached)
+    as saved, an unsaved one as it is in memory."""
+    if not cfg.score:
+        return {}
+    return {"canonical_ppl": scoreboard.score(ref, loaded, load=LoadOptions(device=cfg.device))["ppl"]}
+
+
 def _lineage(cfg: ExperimentConfig) -> dict:
     """What each arm's record carries: the experiment's config (re-running it remakes the arm)."""
     return {"config": cfg, "command": "experiment"}
@@ -128,6 +138,9 @@ def _stop_point(should_stop) -> None:
 
 def _write(out: Path, name: str, rows: list[dict], columns: list[str], extra: dict) -> dict:
     out.mkdir(parents=True, exist_ok=True)
+    if any("canonical_ppl" in r for r in rows):
+        columns = [*columns, "canonical_ppl"]
+        extra = {**extra, "canonical": scoreboard.canonical().label}
     result = {"experiment": name, **extra, "rows": rows}
     (out / "results.json").write_text(json.dumps(result, indent=2, default=str))
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
@@ -154,7 +167,7 @@ def axis_ablation(cfg: ExperimentConfig, on_event=None, should_stop=None, arms=N
     scores = importance.estimate(teacher.model, calib, batch_size=cfg.batch)
     out = Path(cfg.out)
     rows = [{"arm": "original", **_shape_cols(base), "loss_before": evaluate.loss_on(teacher.model, val),
-             "loss_after": None}]
+             "loss_after": None, **_canonical(cfg, cfg.model, teacher)}]
     for arm, axes in (arms or AXIS_ARMS).items():
         _stop_point(should_stop)
         try:
@@ -171,7 +184,7 @@ def axis_ablation(cfg: ExperimentConfig, on_event=None, should_stop=None, arms=N
             trained = _distill(cfg, teacher, student, arm_dir, on_event=on_event, should_stop=should_stop)
             after = evaluate.loss_on(student, val)
             row = {"arm": arm, **_shape_cols(shape), "loss_before": before, "loss_after": after,
-                   "tokens": trained.get("tokens")}
+                   "tokens": trained.get("tokens"), **_canonical(cfg, str(arm_dir))}
             run.metrics, run.shape, run.params = row, shape.to_dict(), shape.params
         rows.append(row)
     # The same shape as the all-width arm, from random initialization, same budget.
@@ -187,7 +200,8 @@ def axis_ablation(cfg: ExperimentConfig, on_event=None, should_stop=None, arms=N
         before = evaluate.loss_on(random_model, val)
         trained = _distill(cfg, teacher, random_model, arm_dir, on_event=on_event, should_stop=should_stop)
         row = {"arm": "random init (width shape)", **_shape_cols(shape), "loss_before": before,
-               "loss_after": evaluate.loss_on(random_model, val), "tokens": trained.get("tokens")}
+               "loss_after": evaluate.loss_on(random_model, val), "tokens": trained.get("tokens"),
+               **_canonical(cfg, str(arm_dir))}
         run.metrics, run.shape, run.params = row, shape.to_dict(), shape.params
     rows.append(row)
     columns = ["arm", "layers", "hidden", "ffn", "heads", "params", "loss_before", "loss_after", "tokens",
@@ -223,7 +237,8 @@ def kd_vs_ce(cfg: ExperimentConfig, on_event=None, should_stop=None) -> dict:
                                should_stop=should_stop)
             shape = teacher.arch.shape(student.config)
             row = {"arm": arm, **_shape_cols(shape), "loss_before": before,
-                   "loss_after": evaluate.loss_on(student, val), "tokens": trained.get("tokens")}
+                   "loss_after": evaluate.loss_on(student, val), "tokens": trained.get("tokens"),
+                   **_canonical(cfg, str(arm_dir))}
             run.metrics, run.shape, run.params = row, shape.to_dict(), shape.params
         rows.append(row)
     columns = ["arm", "params", "loss_before", "loss_after", "tokens"]
@@ -237,7 +252,8 @@ def sparse_methods(cfg: ExperimentConfig, on_event=None, should_stop=None, slorb
     dense = models.load(cfg.model, device=cfg.device)
     calib = _blocks(dense, cfg, "calibration", cfg.samples * cfg.seq_len)
     val = _blocks(dense, cfg, "validation", cfg.eval_tokens)
-    rows = [{"method": "dense", "loss": evaluate.loss_on(dense.model, val), "pattern_ok": None}]
+    rows = [{"method": "dense", "loss": evaluate.loss_on(dense.model, val), "pattern_ok": None,
+             **_canonical(cfg, cfg.model, dense)}]
     for method in sparsity.ONE_SHOT:
         _stop_point(should_stop)
         with runs.track("experiment:sparse", cfg.model, {"method": method}, session=cfg.session,
@@ -245,7 +261,8 @@ def sparse_methods(cfg: ExperimentConfig, on_event=None, should_stop=None, slorb
             model = copy.deepcopy(dense.model)
             sparsity.one_shot(model, method, 2, 4, blocks=calib)
             row = {"method": method, "loss": evaluate.loss_on(model, val),
-                   "pattern_ok": sparsity.check_pattern(model, 2, 4)["ok"], "tokens": 0}
+                   "pattern_ok": sparsity.check_pattern(model, 2, 4)["ok"], "tokens": 0,
+                   **_canonical(cfg, None, dataclasses.replace(dense, model=model))}
             run.metrics = row
             run.counts(sparsity.param_counts(model))
         rows.append(row)
@@ -264,7 +281,7 @@ def sparse_methods(cfg: ExperimentConfig, on_event=None, should_stop=None, slorb
             trained = models.load(str(arm_dir), device=cfg.device)
             row = {"method": label, "loss": evaluate.loss_on(trained.model, val),
                    "pattern_ok": sparsity.check_pattern(trained.model, 2, 4)["ok"],
-                   "tokens": result.get("tokens")}
+                   "tokens": result.get("tokens"), **_canonical(cfg, str(arm_dir))}
             run.metrics = row
             run.counts(sparsity.param_counts(trained.model))
         rows.append(row)

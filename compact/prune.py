@@ -25,9 +25,11 @@ from transformers import AutoModelForCausalLM
 from transformers.initialization import no_init_weights
 
 from compact import arch as arch_mod
+from compact import scoreboard
 from compact.errors import UserError
 from compact.importance import DEPTH_METRICS, CalibrationOptions, Progress, Scores, StopCheck
 from compact.options import LoadOptions, option
+from compact.scoreboard import ScoreOptions
 from compact.shapes import Shape, shape_error
 
 
@@ -345,7 +347,7 @@ class TargetOptions(CalibrationOptions):
 
 
 @dataclass(kw_only=True)
-class PruneConfig(TargetOptions, LoadOptions):
+class PruneConfig(TargetOptions, ScoreOptions, LoadOptions):
     model: str = option(help="Hub id, local folder, .gguf file or 'default'")
     out: str = option(help="folder for the pruned checkpoint")
     layers: int | None = option(None, "layers to keep")
@@ -366,7 +368,8 @@ class PruneConfig(TargetOptions, LoadOptions):
 def run(cfg: PruneConfig, progress: Progress | None = None, should_stop: StopCheck | None = None,
         loaded=None, scores: Scores | None = None, before: dict | None = None) -> dict:
     """The prune job: check the targets, get scores if the target needs them, trim and save;
-    with cfg.eval_tokens, validation perplexity before (unless given) and after."""
+    with cfg.eval_tokens, validation perplexity before (unless given) and after; with cfg.score,
+    the canonical scores of both (compact.scoreboard)."""
 
     loaded = loaded or cfg.load(cfg.model)
     targets = cfg.targets()
@@ -385,6 +388,11 @@ def run(cfg: PruneConfig, progress: Progress | None = None, should_stop: StopChe
     result = {"model": cfg.model, **summary}
     if cfg.eval_tokens:
         result.update(_before_after(cfg, loaded, before, progress))
+    if cfg.score:
+        if progress is not None:
+            progress(0.97, "canonical perplexity of the original and the pruned model")
+        result["canonical"] = scoreboard.pair(scoreboard.score(cfg.model, loaded, load=cfg),
+                                              scoreboard.score(cfg.out, load=cfg))
     return result
 
 

@@ -57,6 +57,12 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "ALTER TABLE runs ADD COLUMN config TEXT",  # {"command", "config", "cwd"} as JSON
         "CREATE INDEX IF NOT EXISTS runs_artifact ON runs(artifact)",
     ),
+    (  # 2: the scoreboard's cache (compact.scoreboard), one row per model version, setting and place
+        "CREATE TABLE IF NOT EXISTS evaluations (model TEXT NOT NULL, version TEXT NOT NULL,"
+        " setting TEXT NOT NULL, place TEXT NOT NULL, loss REAL NOT NULL, ppl REAL NOT NULL,"
+        " tokens INTEGER NOT NULL, seconds REAL, created REAL NOT NULL,"
+        " PRIMARY KEY (model, version, setting, place))",
+    ),
 )
 VERSION = len(MIGRATIONS)
 JSON_FIELDS = ("inputs", "shape", "metrics", "config")
@@ -163,6 +169,26 @@ class RunStore:
             if r["artifact"] == str(target) or _resolved(r["artifact"]) == target:
                 return int(r["id"])
         return None
+
+    def evaluation(self, model: str, version: str, setting: str, place: str) -> dict | None:
+        """A cached evaluation (compact.scoreboard), or None."""
+        with self._connect() as db:
+            row = db.execute("SELECT * FROM evaluations WHERE model=? AND version=? AND setting=?"
+                             " AND place=?", (model, version, setting, place)).fetchone()
+        return dict(row) if row else None
+
+    def evaluations(self, setting: str) -> list[dict]:
+        """Every cached evaluation under one setting, newest first."""
+        with self._connect() as db:
+            rows = db.execute("SELECT * FROM evaluations WHERE setting=? ORDER BY created DESC",
+                              (setting,)).fetchall()
+        return [dict(r) for r in rows]
+
+    def record_evaluation(self, model: str, version: str, setting: str, place: str, loss: float,
+                          ppl: float, tokens: int, seconds: float | None = None) -> None:
+        with self._connect() as db:
+            db.execute("INSERT OR REPLACE INTO evaluations VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                       (model, version, setting, place, loss, ppl, tokens, seconds, time.time()))
 
     def set_pid(self, run_id: int, pid: int) -> None:
         """The process that does the run's work (an app's worker), for crash detection."""
@@ -308,20 +334,6 @@ def track(kind: str, base_model: str | None, inputs: dict | None = None, artifac
         raise
     else:
         run._finish("succeeded", run.metrics)
-
-
-# Where each job kind leaves its validation perplexity in the recorded metrics, best first.
-PPL_KEYS = ("val_ppl_after", "ppl_after", "ppl")
-
-
-def quality_point(run: dict) -> tuple[int, float] | None:
-    """(parameters, validation perplexity) of a finished run, when it recorded both."""
-    metrics = run.get("metrics") or {}
-    params = run.get("params") or metrics.get("params")
-    ppl = next((metrics[k] for k in PPL_KEYS if isinstance(metrics.get(k), (int, float))), None)
-    if run.get("status") != "succeeded" or not isinstance(params, int) or ppl is None:
-        return None
-    return params, float(ppl)
 
 
 def tree(rows: list[dict]) -> list[tuple[int, dict]]:

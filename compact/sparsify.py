@@ -11,16 +11,17 @@ import copy
 import dataclasses
 from dataclasses import dataclass
 
-from compact import data, evaluate, models, sparsity
+from compact import data, evaluate, models, scoreboard, sparsity
 from compact.errors import Cancelled, UserError
 from compact.options import option
+from compact.scoreboard import ScoreOptions
 from compact.sparse_training import AstConfig, run_ast
 
 METHODS = (*sparsity.ONE_SHOT, "ast")
 
 
 @dataclass(kw_only=True)
-class SparsifyConfig(AstConfig):
+class SparsifyConfig(ScoreOptions, AstConfig):
     """AST's options (compact.sparse_training.AstConfig) plus the method and calibration size."""
 
     model: str = option(help="Hub id, local folder, .gguf file or 'default'")
@@ -55,10 +56,15 @@ def run(cfg: SparsifyConfig, progress=None, should_stop=None, on_event=None,
         student = student or (dense if cfg.method != "ast" else None)
     sparsity.check_widths(dense.model, m)
     seq = min(cfg.seq_len, evaluate.context_length(dense.model))
-    val = data.blocks(cfg.data, dense.tokenizer, "validation", data.n_blocks_for(cfg.eval_tokens, seq), seq,
-                      model=dense.model)
-    progress(0.02, f"validation perplexity of {cfg.model} on {val.numel()} tokens")
-    before = evaluate.perplexity(dense.model, val, cfg.batch)
+    val, before = None, {}
+    if cfg.eval_tokens:
+        val = data.blocks(cfg.data, dense.tokenizer, "validation", data.n_blocks_for(cfg.eval_tokens, seq),
+                          seq, model=dense.model)
+        progress(0.02, f"validation perplexity of {cfg.model} on {val.numel()} tokens")
+        before = evaluate.perplexity(dense.model, val, cfg.batch)
+    if cfg.score:  # before the work: a one-shot method may prune the dense model in place
+        progress(0.03, "canonical perplexity of the dense model")
+        canonical_before = scoreboard.score(cfg.model, dense, load=cfg)
     result = {"model": cfg.model, "method": cfg.method, "pattern": f"{n}:{m}", "out": cfg.out}
     if cfg.method == "ast":
         # eval_tokens=0: the saved model is scored below, on the same blocks as one-shot
@@ -87,9 +93,13 @@ def run(cfg: SparsifyConfig, progress=None, should_stop=None, on_event=None,
         models.round_to(work.model, dense.source_dtype)  # scored as saved
         sparse = work.model
         result["layers_pruned"] = len(report["layers"])
-    progress(0.9, "validation perplexity of the sparse model")
-    after = evaluate.perplexity(sparse, val, cfg.batch)
-    return {**result, "status": "done", **sparsity.sparsity_summary(sparse, n, m),
-            **sparsity.param_counts(sparse),
-            "ppl_before": before["ppl"], "ppl_after": after["ppl"], "loss_before": before["loss"],
-            "loss_after": after["loss"], "eval_tokens": before["tokens"]}
+    result.update(status="done", **sparsity.sparsity_summary(sparse, n, m), **sparsity.param_counts(sparse))
+    if val is not None:
+        progress(0.9, "validation perplexity of the sparse model")
+        after = evaluate.perplexity(sparse, val, cfg.batch)
+        result.update(ppl_before=before["ppl"], ppl_after=after["ppl"], loss_before=before["loss"],
+                      loss_after=after["loss"], eval_tokens=before["tokens"])
+    if cfg.score:
+        progress(0.95, "canonical perplexity of the sparse model")
+        result["canonical"] = scoreboard.pair(canonical_before, scoreboard.score(cfg.out, load=cfg))
+    return result

@@ -42,7 +42,7 @@ def flow(client):
     """Load, importance and prune once; later tests reuse what this session made."""
     card, info = client.predict("default", api_name="/load")
     plots = client.predict("builtin", 4, 64, "l2", "mean", False, api_name="/importance")
-    pruned, message = client.predict(24, 384, 1024, 6, "bi", "builtin", 512, api_name="/prune")
+    pruned, message = client.predict(24, 384, 1024, 6, "bi", api_name="/prune")
     return {"card": card, "info": info, "importance": plots, "pruned": pruned, "prune_message": message}
 
 
@@ -73,8 +73,11 @@ def test_prune_gives_the_target_shape_and_count(flow, base_shape):
     assert result["params"] == target.params  # the real model's count equals compact.shapes'
     assert result["source_params"] == base_shape.params
     assert len(result["dropped_layers"]) == 6
-    assert math.isfinite(result["ppl_before"]) and math.isfinite(result["ppl_after"])
-    assert result["ppl_after"] > result["ppl_before"]  # one-shot pruning without distillation hurts
+    canonical = result["canonical"]  # the workspace's evaluation, its setting in the message
+    assert math.isfinite(canonical["ppl_before"]) and math.isfinite(canonical["ppl_after"])
+    assert canonical["ppl_after"] > canonical["ppl_before"]  # one-shot pruning without distillation hurts
+    assert canonical["setting"] == "builtin validation, 4,096 tokens in blocks of 256"
+    assert canonical["setting"] in flow["prune_message"]
     assert (Path(result["out"]) / "config.json").is_file()
     # the Prune tab's readout is arithmetic on the same counts
     assert prune_tab.readout(base_shape, 24, 384, 1024, 6).count(f"{target.params / 1e6:.2f} M") == 1
@@ -84,8 +87,7 @@ def test_generate_and_compare_both_models(client, flow):
     text, speed = client.predict("default", PROMPT, 8, 0, 0, False, api_name="/generate")
     assert "Paris" in text and "tokens/s" in speed
     out = flow["pruned"]["out"]
-    result = client.predict("default", out, None, None, PROMPT, 8, 0, 1, 0, False, True, "builtin", 512,
-                            api_name="/compare")
+    result = client.predict("default", out, None, None, PROMPT, 8, 0, 1, 0, False, True, api_name="/compare")
     texts, speeds, table, summary = result[:4], result[4:8], result[8], result[9]
     assert texts[0] == text  # same prompt, settings and seed: the same greedy continuation
     assert texts[1].strip() and not texts[2] and not texts[3]
@@ -95,15 +97,25 @@ def test_generate_and_compare_both_models(client, flow):
     assert rows[1]["params"] == flow["pruned"]["params"]
     assert all(math.isfinite(r["ppl"]) and r["new_tokens"] == 8 for r in rows)
     assert len(table["data"]) == 2
-    assert rows[0]["ppl"] == pytest.approx(flow["pruned"]["ppl_before"], rel=1e-4)  # same blocks
+    # the canonical scores the prune job computed: one number per model in every tab
+    assert rows[0]["ppl"] == flow["pruned"]["canonical"]["ppl_before"]
+    assert rows[1]["ppl"] == flow["pruned"]["canonical"]["ppl_after"]
+    assert rows[0]["ppl_setting"] == flow["pruned"]["canonical"]["setting"]
 
 
-def test_sparsify_magnitude_is_exactly_two_four(client):
+def test_sparsify_magnitude_is_exactly_two_four(client, flow):
+    # the pruned model, picked explicitly: the session's loaded model stays the default
+    pruned = flow["pruned"]
     per_layer, loss, flips, result, message = client.predict(
-        "magnitude", "2:4", "builtin", 4, 64, 512, 512, 4, 1e-4, 0, 10, 0.0, False, api_name="/sparsify")
+        pruned["out"], "magnitude", "2:4", "builtin", 4, 64, 512, 4, 1e-4, 0, 10, 0.0, False,
+        api_name="/sparsify")
+    assert result["model"] == pruned["out"] and result["params"] == pruned["params"]
+    # the pruned model's canonical score was cached when it was made
+    assert result["canonical"]["before"]["cached"] is True
+    assert result["canonical"]["ppl_before"] == pruned["canonical"]["ppl_after"]
     assert result["pattern_ok"] is True and result["layers_not_ok"] == []
     assert result["sparsity"] == pytest.approx(0.5, abs=1e-3)
-    assert math.isfinite(result["ppl_after"])
+    assert math.isfinite(result["canonical"]["ppl_after"])
     assert "exact" in message
 
 
@@ -111,22 +123,23 @@ def test_sparsify_ast_with_slorb_and_margin(client):
     # 4 steps of 2 x 64 tokens, masks every 2 steps: the AST settings reach the run, the result
     # keeps 2:4, and the saved SLoRB checkpoint is what was scored (reloaded from disk)
     per_layer, loss, flips, result, message = client.predict(
-        "ast", "2:4", "builtin", 4, 64, 256, 512, 2, 1e-4, 16, 2, 0.05, False, api_name="/sparsify")
+        "default", "ast", "2:4", "builtin", 4, 64, 512, 2, 1e-4, 16, 2, 0.05, False, api_name="/sparsify")
     training = result["training"]
     assert training["status"] == "done" and training["steps"] == 4
     assert training["ast"]["mask_margin"] == 0.05 and training["ast"]["mask_interval"] == 2
     assert training["slorb"]["k"] == 16
     assert result["pattern_ok"] is True and result["sparsity"] == pytest.approx(0.5, abs=1e-3)
     assert (Path(result["out"]) / "slorb.safetensors").is_file()
-    assert math.isfinite(result["ppl_after"])
+    assert math.isfinite(result["canonical"]["ppl_after"])
 
 
 def test_distill_a_few_steps(client, flow):
     out = flow["pruned"]["out"]
     loss, message, result = client.predict("default", out, "builtin", 512, 64, 2, 1e-4, 1.0, 1.0, 0.0, 0.0,
-                                           False, 512, api_name="/distill")
+                                           False, api_name="/distill")
     assert result["status"] == "done" and result["steps"] == 4
-    assert math.isfinite(result["loss"]) and math.isfinite(result["val_ppl_after"])
+    assert math.isfinite(result["loss"]) and math.isfinite(result["canonical"]["ppl_after"])
+    assert "Saved to" in message and "validation" in message  # the canonical setting, named
     assert (Path(result["out"]) / "model.safetensors").is_file()
 
 
@@ -151,10 +164,25 @@ def test_export_command_and_zip(client, flow):
 
 def test_pareto_and_loss_curves_of_this_sessions_runs(client, flow):
     # The prune and distill tests above left finished runs in this session.
-    fig = json.loads(client.predict(api_name="/runs_pareto")["plot"])
+    plot, note = client.predict(False, api_name="/runs_pareto")
+    fig = json.loads(plot["plot"])
     names = [t.get("name") for t in fig["data"]]
-    assert names == ["runs", "frontier"] and len(fig["data"][0]["x"]) >= 1
-    assert all(isinstance(x, int) and x > 0 for x in fig["data"][0]["x"])
+    assert names == ["models", "frontier"]
+    # every model on the canonical scores its job computed: the loaded root and the pruned model
+    models_trace, pruned = fig["data"][0], flow["pruned"]
+    points = dict(zip(models_trace["customdata"], zip(models_trace["x"], models_trace["y"], strict=True),
+                      strict=True))
+    assert points["default"] == (134_515_008, pruned["canonical"]["ppl_before"])
+    assert points[pruned["out"]] == (pruned["params"], pruned["canonical"]["ppl_after"])
+    assert len(points) >= 4  # and the sparse and distilled models of the tests above
+    assert "4,096 tokens" in fig["layout"]["yaxis"]["title"]["text"]
+    # a point picked on the plot becomes Compare's first compressed model
+    slot, picked = client.predict(pruned["out"], api_name="/pareto_pick")
+    assert slot["value"] == pruned["out"] and "Compare" in picked
+    # the lineage: the root with its score, the pruned model under it with its own
+    tree = client.predict(api_name="/runs_lineage")
+    assert f"default (root) · ppl {pruned['canonical']['ppl_before']:.2f}" in tree
+    assert f"ppl {pruned['canonical']['ppl_after']:.2f} → {Path(pruned['out']).name}" in tree
     curves = json.loads(client.predict("", api_name="/runs_loss_curves")["plot"])
     assert any(t.get("name", "").endswith("distill") and len(t["x"]) >= 1 for t in curves["data"])
     with pytest.raises(Exception, match="whole numbers"):
@@ -162,11 +190,13 @@ def test_pareto_and_loss_curves_of_this_sessions_runs(client, flow):
 
 
 def test_experiment_kd_vs_ce_in_one_click(client, flow):
-    table, fig, message = client.predict("kd-vs-ce", 0.9, 32, 16, 2, 2, 64, "builtin", api_name="/experiment")
+    table, fig, message = client.predict("default", "kd-vs-ce", 0.9, 32, 16, 2, 2, 64, "builtin",
+                                         api_name="/experiment")
     rows = [dict(zip(table["headers"], r, strict=True)) for r in table["data"]]
     assert [r["arm"] for r in rows] == ["logit distillation (KL)", "cross-entropy only"]
     assert all(math.isfinite(r["loss_before"]) and math.isfinite(r["loss_after"]) and r["tokens"] == 32
                for r in rows)
+    assert all(math.isfinite(r["canonical_ppl"]) for r in rows)  # the arms on the workspace's scale
     assert "results.md" in message
     recorded = client.predict(api_name="/runs")
     kind = recorded["headers"].index("kind")
@@ -181,16 +211,15 @@ def test_bad_inputs_are_errors_and_the_server_keeps_serving(client, flow):
     with pytest.raises(AppError, match="not a folder, a .gguf file or a Hub id"):
         client.predict("no such model!", api_name="/load")
     with pytest.raises(AppError, match="multiple of the 3 KV heads"):
-        client.predict(30, 576, 1536, 4, "bi", "builtin", 512, api_name="/prune")
+        client.predict(30, 576, 1536, 4, "bi", api_name="/prune")
     with pytest.raises(AppError, match="own shape"):
-        client.predict(30, 576, 1536, 9, "bi", "builtin", 512, api_name="/prune")
+        client.predict(30, 576, 1536, 9, "bi", api_name="/prune")
     with pytest.raises(AppError, match="prompt is empty"):
-        client.predict("default", None, None, None, "", 8, 0, 1, 0, False, False, "builtin", 512,
-                       api_name="/compare")
+        client.predict("default", None, None, None, "", 8, 0, 1, 0, False, False, api_name="/compare")
     with pytest.raises(AppError, match="unknown data source"):
         client.predict("nowhere", 4, 64, "l2", "mean", False, api_name="/importance")
     with pytest.raises(AppError, match="pattern"):
-        client.predict("magnitude", "3:2", "builtin", 4, 64, 512, 512, 4, 1e-4, 0, 10, 0.0, False,
+        client.predict("default", "magnitude", "3:2", "builtin", 4, 64, 512, 4, 1e-4, 0, 10, 0.0, False,
                        api_name="/sparsify")
     with pytest.raises(AppError, match="token"):
         client.predict(flow["pruned"]["out"], "me/model", "", True, api_name="/push")

@@ -186,7 +186,6 @@ def test_main_flow_by_clicking(browser):
     b.wait("document.body.innerText.includes('FLOPs / token')", 60, "the size readout of the model")
     b.set_number("prune-layers", 24)
     b.set_number("prune-ffn", 1024)
-    b.set_number("prune-eval-tokens", 512)
     b.wait("document.body.innerText.includes('24, 576, 1024, 9')", 20, "the size readout")
     b.click_button("Prune")
     b.wait("document.querySelector('#prune-status').innerText.includes('Pruned to')", 180, "the pruned model")
@@ -196,7 +195,6 @@ def test_main_flow_by_clicking(browser):
     b.click_tab("Compare")
     b.wait("document.querySelector('#cmp-max-new input[type=number]') !== null", 20, "the compare tab")
     b.set_number("cmp-max-new", 8)
-    b.set_number("cmp-eval-tokens", 512)
     b.click_button("Generate")
     both = ("['#cmp-text-0 textarea', '#cmp-text-1 textarea'].every("
             "s => document.querySelector(s) && document.querySelector(s).value.trim().length > 0)")

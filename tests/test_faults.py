@@ -37,7 +37,7 @@ def test_out_of_memory_then_restart_keeps_every_run(tmp_path):
         before = digest(scores)
         with pytest.raises(AppError, match="out of memory in distill .*lower the batch") as err:
             client.predict("default", "default", "builtin", HUGE_BATCH * 64, 64, HUGE_BATCH, 1e-4, 1.0, 1.0,
-                           0.0, 0.0, False, 0, api_name="/distill")
+                           0.0, 0.0, False, api_name="/distill")
         assert "internal error" not in str(err.value)
         # still serving, and a model job runs after the failure
         text, speed = client.predict("default", "The capital of France is", 4, 0, 0, False,

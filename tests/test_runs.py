@@ -68,16 +68,10 @@ def test_cli_jobs_are_recorded(tmp_path, tiny_checkpoint):
     assert rows[0]["metrics"]["tokens"] == 256
 
 
-def test_pareto_front_and_quality_points():
+def test_pareto_front():
     points = [(100, 10.0), (80, 12.0), (80, 11.0), (120, 9.0), (90, 15.0), (130, 9.5)]
     assert runs.pareto_front(points) == [2, 0, 3]
     assert runs.pareto_front([]) == []
-    ok = {"status": "succeeded", "params": 5, "metrics": {"ppl": 3.0, "val_ppl_after": 2.0}}
-    assert runs.quality_point(ok) == (5, 2.0)
-    assert runs.quality_point({**ok, "status": "failed"}) is None
-    assert runs.quality_point({"status": "succeeded", "params": None,
-                               "metrics": {"params": 7, "ppl_after": 4}}) == (7, 4.0)
-    assert runs.quality_point({"status": "succeeded", "params": 5, "metrics": {}}) is None
 
 
 def test_loss_curve_reads_metrics_jsonl(tmp_path):

@@ -24,7 +24,25 @@ from ui.common import Ctx
 TITLE = "compact — shrink a language model"
 CSS = """
 .generation textarea { font-family: ui-monospace, monospace; font-size: 0.9em; }
+.offscreen { position: absolute !important; left: -10000px; width: 1px; }
 """
+# A click on a point of the Pareto plot (ui/export_tab.py) writes the point's model (its
+# customdata) into the hidden #pareto-picked box, whose input event picks it for Compare.
+# gr.Plot has no select event of its own; Plotly's graph div has plotly_click.
+PARETO_JS = """<script>
+setInterval(() => {
+  const plot = document.querySelector('#pareto-plot .js-plotly-plot');
+  if (!plot || plot.compactPick || !plot.on) return;
+  plot.compactPick = true;
+  plot.on('plotly_click', (event) => {
+    const point = (event.points || []).find(p => p.customdata !== undefined);
+    const box = document.querySelector('#pareto-picked textarea, #pareto-picked input');
+    if (!point || !box) return;
+    box.value = point.customdata;
+    box.dispatchEvent(new Event('input', {bubbles: true}));
+  });
+}, 500);
+</script>"""
 
 
 def build_app() -> gr.Blocks:
@@ -61,7 +79,7 @@ def launch(app: gr.Blocks | None = None, **kwargs):
     app = app or build_app()
     clean_periodically()
     app.queue(max_size=s.queue_size, default_concurrency_limit=4)
-    options = dict(server_name=s.host, server_port=s.port, auth=s.auth, css=CSS,
+    options = dict(server_name=s.host, server_port=s.port, auth=s.auth, css=CSS, head=PARETO_JS,
                    max_file_size=f"{s.max_upload_mb}mb", allowed_paths=[str(st.data_root())],
                    show_error=True)
     options.update(kwargs)

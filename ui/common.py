@@ -8,7 +8,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from compact import models
+from compact import models, scoreboard
 from ui import state as st
 
 # Interactive events that run a model in the server share one queue slot pool: one concurrency
@@ -73,6 +73,7 @@ class Ctx:
     on_model: list[tuple[Callable, list, list]] = field(default_factory=list)
     on_outputs: list[tuple[Callable, list, list]] = field(default_factory=list)
     on_load: list[tuple[Callable, list, list]] = field(default_factory=list)  # when a page opens
+    components: dict[str, gr.components.Component] = field(default_factory=dict)  # for later tabs
 
     def wire(self, app: gr.Blocks | None = None) -> None:
         if app is not None:
@@ -134,8 +135,33 @@ def model_choices(state: dict | None, roots: bool = False) -> list[tuple[str, st
             parts.append(f"{shape['layers']}L")
         if isinstance(params, int):
             parts.append(human(params))
+        score = scoreboard.cached(out.path)
+        if score:
+            parts.append(f"ppl {score['ppl']:.2f}")
         found.append((" · ".join(parts), out.path))
     return found
+
+
+def scored(before_after: dict | None) -> str:
+    """A job's canonical perplexities (compact.scoreboard.pair) for its message, setting named."""
+    if not before_after:
+        return ""
+    return (f"perplexity {before_after['ppl_before']:.2f} → **{before_after['ppl_after']:.2f}** "
+            f"({before_after['setting']})")
+
+
+def eval_note() -> str:
+    """What every perplexity in the app means, for the tabs that show one."""
+    return (f"Perplexity is the workspace's canonical evaluation: {scoreboard.canonical().label}, "
+            "the same blocks for every model, computed once per model.")
+
+
+def follow_models(ctx: Ctx, picker: gr.Dropdown) -> None:
+    """A model picker whose choices follow the workspace (new outputs, newly loaded models);
+    what is picked stays picked."""
+    refresh = (lambda state: gr.Dropdown(choices=model_choices(state, roots=True)), [ctx.state], [picker])
+    ctx.on_outputs.append(refresh)
+    ctx.on_model.append(refresh)
 
 
 def shape_row(shape) -> dict:

@@ -11,13 +11,12 @@ from pathlib import Path
 
 import gradio as gr
 
-from compact import data, evaluate
+from compact import evaluate, scoreboard
 from ui import jobs, model_tab
 from ui import state as st
-from ui.common import DATA_CHOICES, HEAVY, Ctx, gpu, human, job_buttons, model_choices
+from ui.common import HEAVY, Ctx, eval_note, gpu, human, job_buttons, model_choices
 
 SLOTS = 4
-EVAL_SEQ_LEN = 256
 
 
 def _params(model) -> int:
@@ -33,11 +32,8 @@ def short(ref: str) -> str:
 @gpu
 @jobs.user_errors
 def compare(original: str, slot1: str, slot2: str, slot3: str, prompt: str, max_new_tokens: int,
-            temperature: float, top_p: float, seed: int, chat: bool, with_ppl: bool, src: str,
-            eval_tokens: int):
+            temperature: float, top_p: float, seed: int, chat: bool, with_ppl: bool):
     refs = [original or "default", slot1, slot2, slot3]
-    if with_ppl:
-        src = st.check_data(src)
     texts, speeds, rows = [""] * SLOTS, [""] * SLOTS, []
     results: list[dict] = []
     for i, ref in enumerate(refs):
@@ -61,12 +57,9 @@ def compare(original: str, slot1: str, slot2: str, slot3: str, prompt: str, max_
                         **final, "speed": measured})
         yield *texts, *speeds, gr.skip(), gr.skip()
     for r in results:
-        if with_ppl:
-            loaded = st.CACHE.get(r["model"])
-            seq = min(EVAL_SEQ_LEN, evaluate.context_length(loaded.model))
-            val = data.blocks(src, loaded.tokenizer, "validation",
-                              data.n_blocks_for(int(eval_tokens), seq), seq, model=loaded.model)
-            r["ppl"] = evaluate.perplexity(loaded.model, val)["ppl"]
+        if with_ppl:  # the workspace's canonical score: cached for models a job already scored
+            score = scoreboard.score(r["model"], st.CACHE.get(r["model"]))
+            r["ppl"], r["ppl_setting"] = score["ppl"], score["setting"]
         rows.append([short(r["model"]), human(r["params"]), round(r["params"] / results[0]["params"], 3),
                      round(r["ppl"], 3) if "ppl" in r else None,
                      round(r["speed"]["prefill_tokens_per_s"]), round(r["speed"]["decode_tokens_per_s"], 1)])
@@ -106,10 +99,8 @@ def build(ctx: Ctx) -> None:
             seed = gr.Number(value=0, precision=0, label="Seed")
             chat = gr.Checkbox(value=False, label="Chat template")
         with gr.Row():
-            with_ppl = gr.Checkbox(value=True, label="Validation perplexity")
-            src = gr.Dropdown(DATA_CHOICES, value="builtin", allow_custom_value=True, label="Validation data")
-            eval_tokens = gr.Number(value=2048, precision=0, minimum=256, label="Validation tokens",
-                                    elem_id="cmp-eval-tokens")
+            with_ppl = gr.Checkbox(value=True, label="Perplexity")
+            gr.Markdown(eval_note())
         texts, speeds = [], []
         with gr.Row(equal_height=True):
             for i in range(SLOTS):
@@ -117,15 +108,15 @@ def build(ctx: Ctx) -> None:
                     texts.append(gr.Textbox(label="Original" if i == 0 else f"Compressed {i}", lines=8,
                                             elem_classes=["generation"], elem_id=f"cmp-text-{i}"))
                     speeds.append(gr.Markdown(elem_id=f"cmp-speed-{i}"))
-        table = gr.Dataframe(headers=["model", "parameters", "of original", "validation ppl",
+        table = gr.Dataframe(headers=["model", "parameters", "of original", "canonical ppl",
                                       "prefill tokens/s", "decode tokens/s"],
                              interactive=False, label="Size and quality", elem_id="cmp-table")
         summary = gr.JSON(visible=False)
-    event = go.click(compare, [original, *slots, prompt, max_new, temperature, top_p, seed, chat, with_ppl,
-                               src, eval_tokens],
+    event = go.click(compare, [original, *slots, prompt, max_new, temperature, top_p, seed, chat, with_ppl],
                      [*texts, *speeds, table, summary], api_name="compare", **HEAVY)
     stop.click(None, None, None, cancels=[event], api_visibility="private")
     ctx.on_outputs.append((choices, [ctx.state, *slots], slots))
+    ctx.components["compare_slot"] = slots[0]  # the Pareto plot's selection lands here
     # A newly loaded model joins the choices; what is picked stays picked.
     ctx.on_model.append((lambda state: gr.Dropdown(choices=model_choices(state, roots=True)), [ctx.state],
                          [original]))

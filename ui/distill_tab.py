@@ -22,9 +22,11 @@ from ui.common import (
     DATA_CHOICES,
     LONG,
     Ctx,
+    eval_note,
     gpu,
     job_buttons,
     model_choices,
+    scored,
     take_upload,
     upload_box,
 )
@@ -45,7 +47,7 @@ def status_line(e: dict) -> str:
 @jobs.user_errors
 def run(teacher: str, student: str, src: str, tokens: int, seq_len: int, batch: int, lr: float,
         temperature: float, kd_weight: float, ce_weight: float, hidden_weight: float, resume: bool,
-        eval_tokens: int, state: dict | None, request: gr.Request, progress=gr.Progress()):
+        state: dict | None, request: gr.Request, progress=gr.Progress()):
     state = st.session(state)
     sid = jobs.session_id(request)
     teacher = st.check_ref(teacher or state["ref"])
@@ -63,7 +65,8 @@ def run(teacher: str, student: str, src: str, tokens: int, seq_len: int, batch: 
     cfg = DistillConfig(teacher=teacher, student=student, data=src, out=str(out), tokens=int(tokens),
                         seq_len=int(seq_len), batch=int(batch), lr=float(lr), temperature=float(temperature),
                         kd_weight=float(kd_weight), ce_weight=float(ce_weight),
-                        hidden_weight=float(hidden_weight), resume=bool(resume), eval_tokens=int(eval_tokens))
+                        hidden_weight=float(hidden_weight), resume=bool(resume),
+                        eval_tokens=0, score=True)  # the canonical evaluation replaces the job's own
     yield from train(cfg, state, sid, progress)
 
 
@@ -93,7 +96,9 @@ def train(cfg: DistillConfig, state: dict, sid: str, progress):
     def work(job: jobs.Job):
         result = lanes.run_worker(cfg, job, sid) if lanes.enabled() else in_process(job)
         if job.record is not None:
-            job.record.metrics = {k: result.get(k) for k in ("loss", "val_ppl_before", "val_ppl_after")}
+            canonical = result.get("canonical") or {}
+            job.record.metrics = {"loss": result.get("loss"), "ppl": canonical.get("ppl_after"),
+                                  "setting": canonical.get("setting")}
             job.record.counts(result)
         return result
 
@@ -114,10 +119,7 @@ def train(cfg: DistillConfig, state: dict, sid: str, progress):
                 progress(payload["step"] / payload["steps"], desc=status_line(payload))
                 yield loss_plot(events), status_line(payload), gr.skip(), gr.skip()
             elif kind == "start":
-                ppl = payload.get("val_ppl_before")
-                yield gr.skip(), (f"Training {payload['steps']} steps"
-                                  + (f"; student validation perplexity {ppl:.2f}" if ppl else "")), \
-                    gr.skip(), gr.skip()
+                yield gr.skip(), f"Training {payload['steps']} steps", gr.skip(), gr.skip()
         else:
             result, cancelled = payload, what == "cancelled"
     if cancelled:
@@ -128,10 +130,8 @@ def train(cfg: DistillConfig, state: dict, sid: str, progress):
         return
     st.add_output(state, st.Output("distilled", str(out), cmd, teacher, {"student": student, **result}))
     st.CACHE.drop(str(out))  # a resumed run rewrites the folder
-    b, a = result.get("val_ppl_before"), result.get("val_ppl_after")
     msg = (f"Done: {result['steps']} steps, {result['tokens']:,} tokens at "
-           f"{result['tokens_per_s']:.0f} tokens/s"
-           + (f"; validation perplexity {b:.2f} → **{a:.2f}**" if a and b else "") + f". Saved to `{out}`.")
+           f"{result['tokens_per_s']:.0f} tokens/s; {scored(result.get('canonical'))}. Saved to `{out}`.")
     yield loss_plot(events) if events else gr.skip(), msg, result, state
 
 
@@ -159,9 +159,9 @@ def build(ctx: Ctx) -> None:
             kd_weight = gr.Number(value=d("kd_weight"), label="KD weight")
             ce_weight = gr.Number(value=d("ce_weight"), label="CE weight")
             hidden_weight = gr.Number(value=d("hidden_weight"), label="Hidden-state weight")
-            eval_tokens = gr.Number(value=d("eval_tokens"), precision=0, minimum=0, label="Validation tokens")
             resume = gr.Checkbox(value=False, label="Resume the last run of this student")
         upload = upload_box("training")
+        gr.Markdown(eval_note())
         with gr.Row():
             go, stop = job_buttons("Distill")
         pick, again, interrupted = lanes.resume_controls("distill", "distillation")
@@ -169,7 +169,7 @@ def build(ctx: Ctx) -> None:
         loss = gr.Plot(plots.empty("The loss appears here as training runs"), label="Loss")
         result = gr.JSON(visible=False)
     event = go.click(run, [teacher, student, src, tokens, seq_len, batch, lr, temperature, kd_weight,
-                           ce_weight, hidden_weight, resume, eval_tokens, ctx.state],
+                           ce_weight, hidden_weight, resume, ctx.state],
                      [loss, status, result, ctx.state], api_name="distill", **LONG)
     resumed = again.click(resume_run, [pick, ctx.state], [loss, status, result, ctx.state],
                           api_name="distill_resume", **LONG)

@@ -10,7 +10,7 @@ from compact.experiments import EXPERIMENTS, ExperimentConfig
 from compact.jobs import command_line
 from ui import jobs, lanes, plots
 from ui import state as st
-from ui.common import LONG, Ctx, gpu, job_buttons
+from ui.common import LONG, Ctx, eval_note, follow_models, gpu, job_buttons, model_choices
 
 ABOUT = {
     "axis-ablation": "Prune to the same parameter count along depth, MLP, attention, embedding "
@@ -28,29 +28,30 @@ def table(result: dict) -> dict:
 
 
 def figure(result: dict):
-    rows = [r for r in result["rows"] if r.get("loss_after") is not None or r.get("loss") is not None]
+    """The arms' canonical perplexity (the workspace's, as everywhere in the app)."""
+    rows = [r for r in result["rows"] if r.get("canonical_ppl") is not None]
     if not rows:
         return plots.empty("No arm finished")
     label = "arm" if "arm" in rows[0] else "method"
-    value = "loss_after" if "loss_after" in rows[0] else "loss"
-    return plots.bars([r[label] for r in rows], [r[value] for r in rows],
-                      f"{result['experiment']}: validation loss", value)
+    return plots.bars([r[label] for r in rows], [r["canonical_ppl"] for r in rows],
+                      f"{result['experiment']}: perplexity ({result['canonical']})", "perplexity")
 
 
 @gpu
 @jobs.user_errors
-def run(name: str, keep: float, tokens: int, seq_len: int, batch: int, samples: int, eval_tokens: int,
-        src: str, state: dict | None, request: gr.Request, progress=gr.Progress()):
+def run(model: str | None, name: str, keep: float, tokens: int, seq_len: int, batch: int, samples: int,
+        eval_tokens: int, src: str, state: dict | None, request: gr.Request, progress=gr.Progress()):
     state = st.session(state)
     sid = jobs.session_id(request)
+    model = st.check_ref(model or state["ref"])
     if name not in EXPERIMENTS:
         raise gr.Error(f"unknown experiment '{name}'")
     if min(int(tokens), int(batch), int(samples), int(eval_tokens)) < 1 or int(seq_len) < 2:
         raise gr.Error("tokens, sequence length, batch, samples and evaluation tokens must be positive")
     out = st.next_output(sid, "experiment")
-    cfg = ExperimentConfig(name=name, model=state["ref"], out=str(out), data=st.check_data(src),
+    cfg = ExperimentConfig(name=name, model=model, out=str(out), data=st.check_data(src),
                            keep=float(keep), tokens=int(tokens), seq_len=int(seq_len), batch=int(batch),
-                           samples=int(samples), eval_tokens=int(eval_tokens), session=sid)
+                           samples=int(samples), eval_tokens=int(eval_tokens), score=True, session=sid)
     cfg.check()
 
     def work(job: jobs.Job):
@@ -58,11 +59,11 @@ def run(name: str, keep: float, tokens: int, seq_len: int, batch: int, samples: 
             return lanes.run_worker(cfg, job, sid)
         return experiments.run(cfg, job.progress, job.should_stop)
 
-    result = jobs.run_to_end(work, sid, f"experiment:{name}", progress, base_model=state["ref"],
+    result = jobs.run_to_end(work, sid, f"experiment:{name}", progress, base_model=model,
                              inputs={"keep": cfg.keep, "tokens": cfg.tokens}, artifact=str(out),
                              config=cfg)
     cmd = command_line(cfg)
-    st.add_output(state, st.Output("experiment", str(out), cmd, state["ref"], {"experiment": name}))
+    st.add_output(state, st.Output("experiment", str(out), cmd, model, {"experiment": name}))
     return table(result), figure(result), f"Results in `{out}` (results.md, results.json)", state
 
 
@@ -71,22 +72,28 @@ def build(ctx: Ctx) -> None:
         gr.Markdown("Test the papers' findings on the loaded model. Every arm is a recorded run; "
                     "small budgets fit a CPU, the papers used billions of tokens.")
         with gr.Row():
+            model = gr.Dropdown(model_choices(None, roots=True), value="default", allow_custom_value=True,
+                                label="Model", elem_id="exp-model")
             name = gr.Dropdown(list(EXPERIMENTS), value="axis-ablation", label="Experiment")
             keep = gr.Slider(0.3, 0.95, value=0.8, step=0.05, label="Parameters kept")
             tokens = gr.Number(value=1024, precision=0, minimum=1, label="Training tokens per arm")
             seq_len = gr.Number(value=128, precision=0, minimum=2, label="Sequence length")
             batch = gr.Number(value=4, precision=0, minimum=1, label="Batch")
             samples = gr.Number(value=16, precision=0, minimum=1, label="Calibration samples")
-            eval_tokens = gr.Number(value=2048, precision=0, minimum=1, label="Validation tokens")
+            eval_tokens = gr.Number(value=2048, precision=0, minimum=1,
+                                    label="Validation tokens of the arms' own loss columns")
             src = gr.Textbox(value="builtin", label="Data")
         about = gr.Markdown(ABOUT["axis-ablation"])
+        gr.Markdown(eval_note() + " The loss columns are each experiment's own validation, on its "
+                    "sequence length and tokens; canonical_ppl is the workspace's.")
         with gr.Row():
             go, stop = job_buttons("Run experiment")
         status = gr.Markdown()
         results = gr.Dataframe(label="Results", interactive=False)
-        fig = gr.Plot(plots.empty("Run an experiment"), label="Validation loss per arm")
+        fig = gr.Plot(plots.empty("Run an experiment"), label="Perplexity per arm")
     name.change(lambda n: ABOUT[n], name, about, queue=False, api_visibility="private")
-    event = go.click(run, [name, keep, tokens, seq_len, batch, samples, eval_tokens, src, ctx.state],
+    event = go.click(run, [model, name, keep, tokens, seq_len, batch, samples, eval_tokens, src, ctx.state],
                      [results, fig, status, ctx.state], api_name="experiment", **LONG)
     stop.click(jobs.cancel, None, status, queue=False, api_visibility="private")
     ctx.output_events.append(event)
+    follow_models(ctx, model)

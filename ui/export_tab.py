@@ -12,7 +12,7 @@ import gradio as gr
 from compact import models
 from ui import jobs, lanes, plots
 from ui import state as st
-from ui.common import Ctx, gib, human
+from ui.common import HEAVY, Ctx, gib, gpu, human
 
 SKIP = ("checkpoint", "checkpoint.tmp", "teacher_corrected")  # resume state, not the model
 
@@ -134,26 +134,85 @@ def list_runs(request: gr.Request) -> dict:
     return {"headers": RUN_COLUMNS, "data": rows}
 
 
-def pareto_plot(request: gr.Request):
-    """Parameters against validation perplexity of every finished run, with the frontier."""
-    from compact import runs
+def workspace_models(state: dict | None, request: gr.Request) -> list[dict]:
+    """Every model of the workspace: the loaded roots, then each finished run's artifact still on
+    disk, with its size and its canonical score (None: not scored yet)."""
+    from compact import scoreboard
 
-    found = [(runs.quality_point(r), r) for r in _visible_runs(request)]
-    found = [(p, r) for p, r in found if p is not None]
-    points = [p for p, _ in found]
-    labels = [f"#{r['id']} {r['kind']} ({r['base_model']})" for _, r in found]
-    return plots.pareto(points, labels, runs.pareto_front(points))
+    state = st.session(state)
+    found = []
+    for ref in state.get("roots", [state["ref"]]):
+        params = st.CACHE.get(ref).shape.params
+        found.append({"ref": ref, "label": f"{Path(ref).name} (loaded)", "params": params,
+                      "nonzero_params": params, "run": None, "score": scoreboard.cached(ref)})
+    for r in _visible_runs(request):
+        artifact = r.get("artifact")
+        if r["status"] != "succeeded" or not artifact or not isinstance(r.get("params"), int) \
+                or not (Path(artifact) / "config.json").is_file():
+            continue  # a scores file, a failed run, or a folder cleaned since
+        found.append({"ref": artifact, "label": f"#{r['id']} {r['kind']} · {Path(artifact).name}",
+                      "params": r["params"], "nonzero_params": r.get("nonzero_params") or r["params"],
+                      "run": r["id"], "score": scoreboard.cached(artifact)})
+    return found
 
 
-def lineage(request: gr.Request) -> str:
-    """This session's models as a tree: each run under the run that made its input model."""
-    from compact import runs
+def pareto_plot(nonzero: bool, state: dict | None, request: gr.Request):
+    """Parameters (or non-zero parameters) against canonical perplexity of every scored model of
+    the workspace, with the frontier; a click on a point picks that model for Compare."""
+    from compact import runs, scoreboard
 
-    lines = []
+    every = workspace_models(state, request)
+    scored = [m for m in every if m["score"]]
+    axis = "nonzero_params" if nonzero else "params"
+    points = [(m[axis], m["score"]["ppl"]) for m in scored]
+    x_title = "non-zero parameters" if nonzero else "parameters"
+    fig = plots.pareto(points, [m["label"] for m in scored], runs.pareto_front(points),
+                       refs=[m["ref"] for m in scored], x_title=x_title,
+                       y_title=f"perplexity ({scoreboard.canonical().label})")
+    missing = len(every) - len(scored)
+    note = (f"{missing} model(s) not scored yet: *Score the rest* scores them." if missing
+            else "Every model of the workspace is scored.") + " Click a point to pick it for Compare."
+    return fig, note
+
+
+@gpu
+@jobs.user_errors
+def score_rest(state: dict | None, request: gr.Request, progress=gr.Progress()) -> str:
+    """The canonical score of each workspace model that has none yet (one at a time, cached)."""
+    from compact import scoreboard
+
+    todo = [m for m in workspace_models(state, request) if not m["score"]]
+    for i, m in enumerate(todo):
+        progress(i / len(todo), desc=f"scoring {m['label']}")
+        scoreboard.score(m["ref"], st.CACHE.get(m["ref"]))
+    return f"Scored {len(todo)} model(s); refresh the Pareto view."
+
+
+def pick_for_compare(ref: str, state: dict | None):
+    """A clicked Pareto point becomes Compare's first compressed model."""
+    if not ref:
+        return gr.skip(), gr.skip()
+    from ui.common import model_choices
+
+    return (gr.Dropdown(choices=model_choices(state), value=ref),
+            f"Picked `{Path(ref).name}` for Compare (its first compressed model).")
+
+
+def lineage(state: dict | None, request: gr.Request) -> str:
+    """The workspace's models as a tree: each root model, and under it each run under the run
+    that made its input model, with shape, size and canonical perplexity."""
+    from compact import runs, scoreboard
+
+    def ppl(ref: str | None) -> list[str]:
+        score = scoreboard.cached(ref) if ref else None
+        return [f"ppl {score['ppl']:.2f}"] if score else []
+
+    lines, root = [], None
     for depth, r in runs.tree([r for r in _visible_runs(request) if r["status"] == "succeeded"]):
+        if depth == 0 and r.get("base_model") != root:
+            root = r.get("base_model")
+            lines.append(" · ".join([f"{Path(root or '?').name} (root)", *ppl(root)]))
         parts = [f"#{r['id']} {r['kind']}"]
-        if depth == 0 and r.get("base_model"):
-            parts.append(f"of {Path(r['base_model']).name}")
         shape = r.get("shape") or {}
         if shape.get("layers"):
             parts.append(f"{shape['layers']}L")
@@ -161,13 +220,14 @@ def lineage(request: gr.Request) -> str:
             parts.append(human(r["params"]))
         if isinstance(r.get("nonzero_params"), int):
             parts.append(f"{human(r['nonzero_params'])} non-zero")
-        point = runs.quality_point(r)
-        if point is not None:
-            parts.append(f"ppl {point[1]:.2f}")
+        parts += ppl(r.get("artifact"))
         if r.get("artifact"):
             parts.append(f"→ {Path(r['artifact']).name}")
         lines.append("    " * depth + "└─ " + " · ".join(parts))
-    return "```\n" + "\n".join(lines) + "\n```" if lines else "No finished run in this session yet."
+    if not lines:
+        return "No finished run in this session yet."
+    return ("```\n" + "\n".join(lines) + "\n```\n" +
+            f"ppl: the workspace's canonical evaluation ({scoreboard.canonical().label}).")
 
 
 def loss_curves(ids: str, request: gr.Request):
@@ -211,9 +271,16 @@ def build(ctx: Ctx) -> None:
             runs_btn = gr.Button("Refresh runs")
             runs_table = gr.Dataframe(headers=RUN_COLUMNS, interactive=False, label="Runs of this session")
             lineage_btn = gr.Button("Lineage")
-            lineage_md = gr.Markdown()
-            pareto_btn = gr.Button("Pareto view")
-            pareto_fig = gr.Plot(label="Parameters against validation perplexity")
+            lineage_md = gr.Markdown(elem_id="lineage")
+            with gr.Row():
+                pareto_btn = gr.Button("Pareto view")
+                nonzero = gr.Checkbox(value=False, label="Non-zero parameters (sparse models)")
+                score_btn = gr.Button("Score the rest")
+            pareto_note = gr.Markdown(elem_id="pareto-note")
+            pareto_fig = gr.Plot(label="Parameters against canonical perplexity", elem_id="pareto-plot")
+            # Written by the plot's click handler (ui/app.py PARETO_JS); hidden by CSS, not
+            # visible=False, so that it is in the page for the script to fill.
+            picked = gr.Textbox(elem_id="pareto-picked", elem_classes=["offscreen"], show_label=False)
             with gr.Row():
                 curve_ids = gr.Textbox(label="Runs to overlay (ids, comma-separated; empty: all)")
                 curves_btn = gr.Button("Loss curves")
@@ -224,6 +291,10 @@ def build(ctx: Ctx) -> None:
     push_btn.click(push, [output, repo_id, token, private, ctx.state], pushed, api_name="push")
     ctx.on_outputs.append((choices, [ctx.state], [output]))
     runs_btn.click(list_runs, None, runs_table, api_name="runs")
-    pareto_btn.click(pareto_plot, None, pareto_fig, api_name="runs_pareto")
-    lineage_btn.click(lineage, None, lineage_md, api_name="runs_lineage")
+    pareto_btn.click(pareto_plot, [nonzero, ctx.state], [pareto_fig, pareto_note], api_name="runs_pareto")
+    nonzero.change(pareto_plot, [nonzero, ctx.state], [pareto_fig, pareto_note], api_visibility="private")
+    score_btn.click(score_rest, ctx.state, pareto_note, api_name="score_rest", **HEAVY)
+    picked.input(pick_for_compare, [picked, ctx.state], [ctx.components["compare_slot"], pareto_note],
+                 api_name="pareto_pick")
+    lineage_btn.click(lineage, ctx.state, lineage_md, api_name="runs_lineage")
     curves_btn.click(loss_curves, curve_ids, curves_fig, api_name="runs_loss_curves")

@@ -222,16 +222,19 @@ def empty(title: str) -> go.Figure:
 
 
 def pareto(points: Sequence[tuple[float, float]], labels: Sequence[str], front: Sequence[int],
-           title: str = "Parameters against validation perplexity") -> go.Figure:
-    """Every run as a point, the frontier (no run both smaller and better) drawn as a line."""
+           refs: Sequence[str] | None = None, x_title: str = "parameters",
+           y_title: str = "perplexity", title: str = "Size against perplexity") -> go.Figure:
+    """Every model as a point (customdata: its reference, for a click to pick it), the frontier
+    (no model both smaller and better) drawn as a line."""
     if not points:
-        return empty("No finished run with parameters and perplexity yet")
+        return empty("No scored model yet")
+    hover = f"%{{text}}<br>%{{x:,}} {x_title}<br>ppl %{{y:.4g}}<extra></extra>"
     fig = go.Figure(go.Scatter(x=[p[0] for p in points], y=[p[1] for p in points], mode="markers",
-                               text=list(labels), name="runs",
-                               hovertemplate="%{text}<br>%{x:,} parameters<br>ppl %{y:.4g}<extra></extra>"))
+                               text=list(labels), name="models", customdata=list(refs or labels),
+                               marker={"size": 10}, hovertemplate=hover))
     fig.add_trace(go.Scatter(x=[points[i][0] for i in front], y=[points[i][1] for i in front],
                              mode="lines", line={"shape": "hv"}, name="frontier"))
-    fig.update_xaxes(title="parameters")
+    fig.update_xaxes(title=x_title)
     # One degenerate model (perplexity 150k) must not flatten the rest: the axis stops at ten
     # times the median and points beyond it sit on the top edge, their value in the hover text.
     ys = sorted(p[1] for p in points)
@@ -240,7 +243,7 @@ def pareto(points: Sequence[tuple[float, float]], labels: Sequence[str], front: 
         fig.data[0].y = [min(y, top) for y in fig.data[0].y]
         fig.data[0].text = [f"{t} (ppl {p[1]:.4g}, off the scale)" if p[1] > top else t
                             for t, p in zip(labels, points, strict=True)]
-    fig.update_yaxes(title="validation perplexity", type="log",
+    fig.update_yaxes(title=y_title, type="log",
                      range=[math.log10(ys[0] * 0.9), math.log10(top * 1.1)])
     _layout(fig, title, height=360)
     fig.update_layout(plot_bgcolor="white")

@@ -6,8 +6,6 @@ change at once; the heatmaps come from compact.prune.plan, also model-free.
 
 from __future__ import annotations
 
-import threading
-
 import gradio as gr
 
 from compact import prune, shapes
@@ -16,12 +14,7 @@ from compact.jobs import command_line
 from compact.shapes import Shape
 from ui import importance_tab, jobs
 from ui import state as st
-from ui.common import DATA_CHOICES, HEAVY, Ctx, current, gib, gpu, human, job_buttons
-
-EVAL_TOKENS = 4096
-EVAL_SEQ_LEN = 256
-_BASELINE: dict[tuple, dict] = {}  # validation perplexity of unpruned models, by (ref, data, tokens)
-_BASELINE_LOCK = threading.Lock()
+from ui.common import HEAVY, Ctx, current, eval_note, gib, gpu, human, job_buttons, scored
 
 
 def targets(base: Shape, layers, hidden, ffn, heads) -> dict:
@@ -111,8 +104,8 @@ def pick_row(rows, base: Shape | None, state: dict | None, depth_metric: str, ev
 
 @gpu
 @jobs.user_errors
-def run_prune(base: Shape | None, layers, hidden, ffn, heads, depth_metric: str, src: str,
-              eval_tokens: int, state: dict | None, request: gr.Request, progress=gr.Progress()):
+def run_prune(base: Shape | None, layers, hidden, ffn, heads, depth_metric: str, state: dict | None,
+              request: gr.Request, progress=gr.Progress()):
     state = st.session(state)
     sid = jobs.session_id(request)
     loaded = current(state)
@@ -123,30 +116,26 @@ def run_prune(base: Shape | None, layers, hidden, ffn, heads, depth_metric: str,
     params = loaded.shape.with_targets(**tg).params
     out = st.next_output(sid, "pruned", st.checkpoint_bytes(loaded, params))
     cfg = prune.PruneConfig(model=state["ref"], out=str(out), **tg, depth_metric=depth_metric,
-                            importance=state.get("scores_path"), data=st.check_data(src),
-                            seq_len=EVAL_SEQ_LEN, eval_tokens=int(eval_tokens or EVAL_TOKENS))
+                            importance=state.get("scores_path"), score=True)
     prune.plan(scores, loaded.shape, depth_metric=depth_metric, family=loaded.arch.family, **tg)  # fail fast
-    key = (st.cache_key(state["ref"]), cfg.data, cfg.eval_tokens)
-    with _BASELINE_LOCK:
-        before = _BASELINE.get(key)
 
     def work(job: jobs.Job):
-        result = prune.run(cfg, job.progress, job.should_stop, loaded=loaded, scores=scores, before=before)
+        result = prune.run(cfg, job.progress, job.should_stop, loaded=loaded, scores=scores)
         if job.record is not None:
-            job.record.params, job.record.metrics = result["params"], {"ppl": result["ppl_after"]}
+            canonical = result["canonical"]
+            job.record.params = result["params"]
+            job.record.metrics = {"ppl": canonical["ppl_after"], "setting": canonical["setting"]}
         return result
 
     result = jobs.run_to_end(work, sid, "prune", progress, base_model=state["ref"], inputs=vars(cfg),
                              artifact=str(out), config=cfg)
-    with _BASELINE_LOCK:
-        _BASELINE[key] = result.pop("before")
     cmd = command_line(cfg)
     if state.get("scores_command"):
         cmd = state["scores_command"] + "\n" + cmd
     st.add_output(state, st.Output("pruned", str(out), cmd, state["ref"], result))
     kept = result["params"] / result["source_params"]
-    msg = (f"Pruned to {human(result['params'])} parameters ({kept:.1%}); validation perplexity "
-           f"{result['ppl_before']:.2f} → **{result['ppl_after']:.2f}**. Saved to `{out}`.")
+    msg = (f"Pruned to {human(result['params'])} parameters ({kept:.1%}); {scored(result['canonical'])}. "
+           f"Saved to `{out}`.")
     return result, msg, state
 
 
@@ -176,9 +165,7 @@ def build(ctx: Ctx) -> None:
                                          interactive=False, label="Candidates (click a row to use it)",
                                          elem_id="prune-candidates")
         with gr.Row():
-            src = gr.Dropdown(DATA_CHOICES, value="builtin", allow_custom_value=True, label="Validation data")
-            eval_tokens = gr.Number(value=EVAL_TOKENS, precision=0, minimum=256, label="Validation tokens",
-                                    elem_id="prune-eval-tokens")
+            gr.Markdown(eval_note())
             go, stop = job_buttons("Prune")
         status = gr.Markdown(elem_id="prune-status")
         result = gr.JSON(label="Pruned model", visible=False)
@@ -204,7 +191,7 @@ def build(ctx: Ctx) -> None:
     find.click(find_shapes, [base, budget, tolerance, ctx.state], table, api_name="search")
     table.select(pick_row, [table, base, ctx.state, depth_metric], [*controls, size, *figs],
                  api_visibility="private")
-    event = go.click(run_prune, [base, *controls, depth_metric, src, eval_tokens, ctx.state],
+    event = go.click(run_prune, [base, *controls, depth_metric, ctx.state],
                      [result, status, ctx.state], api_name="prune", **HEAVY)
     ctx.output_events.append(event)
     stop.click(jobs.cancel, None, status, queue=False, api_visibility="private")

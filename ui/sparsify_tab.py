@@ -18,11 +18,20 @@ from compact.options import default
 from compact.sparsify import METHODS, SparsifyConfig
 from ui import jobs, lanes, plots
 from ui import state as st
-from ui.common import DATA_CHOICES, LONG, Ctx, current, gpu, job_buttons
+from ui.common import (
+    DATA_CHOICES,
+    LONG,
+    Ctx,
+    eval_note,
+    follow_models,
+    gpu,
+    job_buttons,
+    model_choices,
+    scored,
+)
 
-# Smaller than the command line's defaults so that a one-shot click answers quickly on a CPU.
+# Smaller than the command line's default so that a one-shot click answers quickly on a CPU.
 APP_SAMPLES = 32
-APP_EVAL_TOKENS = 4096
 
 
 def layer_plot(check: dict, pattern: str):
@@ -43,11 +52,12 @@ def loss_plot(events: list[dict]):
 
 @gpu
 @jobs.user_errors
-def run(method: str, pattern: str, src: str, samples: int, seq_len: int, eval_tokens: int,
+def run(model: str | None, method: str, pattern: str, src: str, samples: int, seq_len: int,
         tokens: int, batch: int, lr: float, slorb_k: int, mask_interval: int, mask_margin: float,
         resume: bool, state: dict | None, request: gr.Request, progress=gr.Progress()):
     state = st.session(state)
     sid = jobs.session_id(request)
+    model = st.check_ref(model or state["ref"])
     if method not in METHODS:
         raise gr.Error(f"unknown method '{method}'")
     if resume and method == "ast":
@@ -56,14 +66,16 @@ def run(method: str, pattern: str, src: str, samples: int, seq_len: int, eval_to
             raise gr.Error("nothing to resume: this session has no cancelled AST run")
         out = Path(previous.path)
     else:
-        out = st.next_output(sid, "sparse", st.checkpoint_bytes(current(state), training=method == "ast"))
-    cfg = SparsifyConfig(model=state["ref"], out=str(out), method=method, pattern=pattern,
+        need = st.checkpoint_bytes(st.CACHE.get(model), training=method == "ast")
+        out = st.next_output(sid, "sparse", need)
+    # eval_tokens=0, score: the canonical evaluation replaces the job's own
+    cfg = SparsifyConfig(model=model, out=str(out), method=method, pattern=pattern,
                          data=st.check_data(src), samples=int(samples), seq_len=int(seq_len),
-                         eval_tokens=int(eval_tokens), tokens=int(tokens), batch=int(batch), lr=float(lr),
+                         eval_tokens=0, score=True, tokens=int(tokens), batch=int(batch), lr=float(lr),
                          slorb_k=int(slorb_k or 0), mask_interval=int(mask_interval),
                          mask_margin=float(mask_margin or 0), resume=bool(resume and method == "ast"))
     cfg.check()
-    sparsity.check_widths(current(state).model, cfg.m)  # fail fast, before any worker starts
+    sparsity.check_widths(st.CACHE.get(model).model, cfg.m)  # fail fast, before any worker starts
     yield from sparsify_job(cfg, state, sid, progress)
 
 
@@ -97,7 +109,9 @@ def sparsify_job(cfg: SparsifyConfig, state: dict, sid: str, progress):
         sparse = st.CACHE.get(str(out)).model  # what the job saved, from disk
         result["check"] = sparsity.check_pattern(sparse, cfg.n, cfg.m)
         if job.record is not None:
-            job.record.metrics = {"ppl": result["ppl_after"], "sparsity": result["check"]["sparsity"]}
+            canonical = result["canonical"]
+            job.record.metrics = {"ppl": canonical["ppl_after"], "setting": canonical["setting"],
+                                  "sparsity": result["check"]["sparsity"]}
             job.record.counts(result)
         return result
 
@@ -129,8 +143,8 @@ def sparsify_job(cfg: SparsifyConfig, state: dict, sid: str, progress):
     st.add_output(state, st.Output("sparse", str(out), command_line(dataclasses.replace(cfg, resume=False)),
                                    ref, result))
     msg = (f"{result['pattern']} {method}: {check['sparsity']:.1%} zeros, pattern "
-           f"{'exact' if result['pattern_ok'] else 'NOT exact'}; validation perplexity "
-           f"{result['ppl_before']:.2f} → **{result['ppl_after']:.2f}**. Saved to `{out}`.")
+           f"{'exact' if result['pattern_ok'] else 'NOT exact'}; {scored(result['canonical'])}. "
+           f"Saved to `{out}`.")
     yield (layer_plot(check, result["pattern"]), loss_plot(events) if events else gr.skip(),
            flip_plot(events) if events else gr.skip(), result, msg, state)
 
@@ -143,14 +157,14 @@ def build(ctx: Ctx) -> None:
                     "magnitude, Wanda, SparseGPT. AST trains the sparse model by distillation from the "
                     "dense one, re-choosing masks as it goes; SLoRB adds a small low-rank term.")
         with gr.Row():
+            model = gr.Dropdown(model_choices(None, roots=True), value="default", allow_custom_value=True,
+                                label="Model to sparsify", elem_id="sparsify-model")
             method = gr.Radio(list(METHODS), value="wanda", label="Method")
             pattern = gr.Textbox(value=default(SparsifyConfig, "pattern"), label="Pattern N:M")
             src = gr.Dropdown(DATA_CHOICES, value="builtin", allow_custom_value=True, label="Data")
             samples = gr.Number(value=APP_SAMPLES, precision=0, minimum=1, label="Calibration samples")
             seq_len = gr.Number(value=default(SparsifyConfig, "seq_len"), precision=0, minimum=16,
                                 label="Tokens per sample")
-            eval_tokens = gr.Number(value=APP_EVAL_TOKENS, precision=0, minimum=256,
-                                    label="Validation tokens")
         with gr.Accordion("AST training", open=False):
             with gr.Row():
                 tokens = gr.Number(value=default(SparsifyConfig, "tokens"), precision=0, minimum=1,
@@ -167,6 +181,7 @@ def build(ctx: Ctx) -> None:
                                       label="SLoRB block size (0 = off)")
                 resume = gr.Checkbox(value=False, label="Resume the last AST run")
         with gr.Row():
+            gr.Markdown(eval_note())
             go, stop = job_buttons("Sparsify")
         pick, again, interrupted = lanes.resume_controls("sparsify", "AST run")
         status = gr.Markdown()
@@ -175,12 +190,13 @@ def build(ctx: Ctx) -> None:
             loss = gr.Plot(plots.empty("AST loss"), label="AST loss")
             flips = gr.Plot(plots.empty("AST mask flip rate"), label="Mask flip rate")
         result = gr.JSON(visible=False)
-    event = go.click(run, [method, pattern, src, samples, seq_len, eval_tokens, tokens, batch, lr, slorb_k,
+    event = go.click(run, [model, method, pattern, src, samples, seq_len, tokens, batch, lr, slorb_k,
                            mask_interval, mask_margin, resume, ctx.state],
                      [per_layer, loss, flips, result, status, ctx.state], api_name="sparsify", **LONG)
     resumed = again.click(resume_run, [pick, ctx.state], [per_layer, loss, flips, result, status, ctx.state],
                           api_name="sparsify_resume", **LONG)
     ctx.output_events += [event, resumed]
+    follow_models(ctx, model)
     ctx.on_outputs.append((interrupted, [], [pick]))
     ctx.on_load.append((interrupted, [], [pick]))
     stop.click(jobs.cancel, None, status, queue=False, api_visibility="private")
