@@ -6,7 +6,8 @@
 Teacher: the default model (SmolLM2-135M). Student: the same model with only its first
 --keep-layers layers (18 of 30: about 92M parameters, the issue's "~90M"), built by depth
 pruning (compact.prune, no scores needed). Each mode is one full training step on the same
-batch: forward, backward, AdamW step; fp32 master weights, bf16 autocast on CUDA.
+batch: forward, backward, AdamW step; fp32 master weights, autocast on CUDA in the
+hardware's dtype (compact.hardware: bf16 on sm80+, fp16 before).
   plain:      the student's own forward with labels (transformers' loss on full logits)
   ce_chunked: compact's student module, cross-entropy only, logits in chunks
   distill:    teacher forward (no grad) + student, KL(teacher||student) with chunked logits
@@ -53,7 +54,8 @@ def setup(args):
     module = distill.DistillModule(student_model, teacher.arch, cfg, teacher.shape)
     optimizer = torch.optim.AdamW(module.parameters(), lr=1e-5, fused=device.type == "cuda")
     ids = data.blocks("builtin", teacher.tokenizer, "train", args.batch, args.seq_len).to(device)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    # the training loop's precision on this hardware (bf16 on sm80+, fp16 before; CPU: fp32)
+    autocast = torch.autocast(device.type, dtype=models.pick_dtype(device), enabled=device.type == "cuda")
     teacher.model.eval()
 
     def plain():
@@ -158,7 +160,8 @@ def main() -> int:
         "student_params": params,
         "student_layers": args.keep_layers,
         "batch": args.batch, "seq_len": args.seq_len, "chunk": args.chunk, "rounds": args.steps,
-        "precision": "bf16 autocast, fp32 master weights" if device.type == "cuda" else "fp32",
+        "precision": (f"{str(models.pick_dtype(device)).removeprefix('torch.')} autocast, fp32 master "
+                      "weights") if device.type == "cuda" else "fp32",
         "modes": {m: {"step_s_median": statistics.median(times[m]),
                       "tokens_per_s": tokens / statistics.median(times[m]),
                       "peak_memory_mb": peaks[m] / 2**20} for m in MODES},

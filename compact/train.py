@@ -1,6 +1,7 @@
 """The training loop under compact.distill (and through its hooks compact.sparse_training).
 
-accelerate does device placement, mixed precision (bf16 on CUDA, fp32 on CPU), gradient
+accelerate does device placement, mixed precision (by hardware, compact.hardware: bf16 on
+Ampere and newer GPUs, fp16 with loss scaling on older ones, fp32 on CPU), gradient
 accumulation and checkpoint state, so `accelerate launch -m compact distill ...` runs the loop on
 many GPUs (DDP, FSDP) with no distributed code here.
 
@@ -36,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from compact import losses, models
+from compact import hardware, losses, models
 from compact.errors import UserError
 from compact.options import LoadOptions, option
 
@@ -146,10 +147,6 @@ class HooksState:
 
 # -- accelerate ------------------------------------------------------------------------------
 
-def mixed_precision(dtype: torch.dtype) -> str:
-    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "no")
-
-
 def make_accelerator(cfg: DistillConfig, compute_dtype: torch.dtype, fresh: bool = True):
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
@@ -160,7 +157,7 @@ def make_accelerator(cfg: DistillConfig, compute_dtype: torch.dtype, fresh: bool
         # accelerate keeps those in process-wide singletons, so start them afresh.
         AcceleratorState._reset_state(reset_partial_state=True)
         GradientState._reset_state()
-    mixed = None if launched and cfg.dtype is None else mixed_precision(compute_dtype)
+    mixed = None if launched and cfg.dtype in (None, "auto") else hardware.mixed_precision(compute_dtype)
     # accelerate only spreads CPU processes (torchrun, accelerate launch) when told cpu=True.
     cpu = models.pick_device(cfg.device).type == "cpu"
     if cfg.device and torch.device(cfg.device).type == "cuda" and torch.device(cfg.device).index \
