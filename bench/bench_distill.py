@@ -1,6 +1,6 @@
 """Cost of a distillation step against a plain cross-entropy step of the same student.
 
-    .venv/bin/python -m bench.bench_distill [--device cpu|cuda] [--batch B] [--seq-len L]
+    .venv/bin/python -m bench.bench_distill [--model REF] [--device cpu|cuda] [--batch B] [--seq-len L]
                                             [--keep-layers N] [--steps N] [--out FILE]
 
 Teacher: the default model (SmolLM2-135M). Student: the same model with only its first
@@ -45,11 +45,12 @@ def rss_bytes() -> int:
 
 def setup(args):
     device = models.pick_device(args.device)
-    teacher = models.load("default", device=str(device))  # bf16 on CUDA, fp32 on CPU
+    teacher = models.load(args.model, device=str(device))  # in the hardware's dtype (compact.hardware)
     layers = teacher.shape.layers
+    args.keep_layers = args.keep_layers or max(1, round(layers * 0.6))  # 18 of SmolLM2's 30
     student_model = prune.trim(teacher.model, None, drop_layers=list(range(args.keep_layers, layers)))
     student_model.to(device=device, dtype=torch.float32).train()
-    cfg = distill.DistillConfig(teacher="default", student=f"default[:{args.keep_layers}]", out="-",
+    cfg = distill.DistillConfig(teacher=args.model, student=f"{args.model}[:{args.keep_layers}]", out="-",
                                 seq_len=args.seq_len, batch=args.batch, chunk=args.chunk)
     module = distill.DistillModule(student_model, teacher.arch, cfg, teacher.shape)
     optimizer = torch.optim.AdamW(module.parameters(), lr=1e-5, fused=device.type == "cuda")
@@ -117,7 +118,9 @@ def main() -> int:
     parser.add_argument("--device", default=None)
     parser.add_argument("--batch", type=int, default=None)
     parser.add_argument("--seq-len", type=int, default=None)
-    parser.add_argument("--keep-layers", type=int, default=18)
+    parser.add_argument("--model", default="default", help="the teacher (REF; a local folder where "
+                        "the default GGUF cannot be read)")
+    parser.add_argument("--keep-layers", type=int, default=None, help="student layers (default 60%%)")
     parser.add_argument("--chunk", type=int, default=distill.DistillConfig.chunk)
     parser.add_argument("--steps", type=int, default=None, help="timed rounds (each mode once)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "distill.json"))
@@ -144,7 +147,8 @@ def main() -> int:
     del steps
     peaks = {}
     for m in MODES:  # separate processes: peak resident memory cannot be reset in one
-        cmd = [sys.executable, "-m", "bench.bench_distill", "--mode", m, "--batch", str(args.batch),
+        cmd = [sys.executable, "-m", "bench.bench_distill", "--mode", m, "--model", args.model,
+               "--batch", str(args.batch),
                "--seq-len", str(args.seq_len), "--keep-layers", str(args.keep_layers),
                "--chunk", str(args.chunk)]
         if args.device:
@@ -155,7 +159,7 @@ def main() -> int:
     result = {
         "device": device_name(device),
         "torch": torch.__version__,
-        "teacher": "SmolLM2-135M-Instruct (default)",
+        "teacher": "SmolLM2-135M-Instruct (default)" if args.model == "default" else args.model,
         "teacher_params": sum(p.numel() for p in teacher.model.parameters()),
         "student_params": params,
         "student_layers": args.keep_layers,
