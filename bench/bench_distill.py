@@ -1,12 +1,13 @@
 """Cost of a distillation step against a plain cross-entropy step of the same student.
 
-    .venv/bin/python -m bench.bench_distill [--device cpu|cuda] [--batch B] [--seq-len L]
+    .venv/bin/python -m bench.bench_distill [--model REF] [--device cpu|cuda] [--batch B] [--seq-len L]
                                             [--keep-layers N] [--steps N] [--out FILE]
 
 Teacher: the default model (SmolLM2-135M). Student: the same model with only its first
 --keep-layers layers (18 of 30: about 92M parameters, the issue's "~90M"), built by depth
 pruning (compact.prune, no scores needed). Each mode is one full training step on the same
-batch: forward, backward, AdamW step; fp32 master weights, bf16 autocast on CUDA.
+batch: forward, backward, AdamW step; fp32 master weights, autocast on CUDA in the
+hardware's dtype (compact.hardware: bf16 on sm80+, fp16 before).
   plain:      the student's own forward with labels (transformers' loss on full logits)
   ce_chunked: compact's student module, cross-entropy only, logits in chunks
   distill:    teacher forward (no grad) + student, KL(teacher||student) with chunked logits
@@ -44,16 +45,18 @@ def rss_bytes() -> int:
 
 def setup(args):
     device = models.pick_device(args.device)
-    teacher = models.load("default", device=str(device))  # bf16 on CUDA, fp32 on CPU
+    teacher = models.load(args.model, device=str(device))  # in the hardware's dtype (compact.hardware)
     layers = teacher.shape.layers
+    args.keep_layers = args.keep_layers or max(1, round(layers * 0.6))  # 18 of SmolLM2's 30
     student_model = prune.trim(teacher.model, None, drop_layers=list(range(args.keep_layers, layers)))
     student_model.to(device=device, dtype=torch.float32).train()
-    cfg = distill.DistillConfig(teacher="default", student=f"default[:{args.keep_layers}]", out="-",
+    cfg = distill.DistillConfig(teacher=args.model, student=f"{args.model}[:{args.keep_layers}]", out="-",
                                 seq_len=args.seq_len, batch=args.batch, chunk=args.chunk)
     module = distill.DistillModule(student_model, teacher.arch, cfg, teacher.shape)
     optimizer = torch.optim.AdamW(module.parameters(), lr=1e-5, fused=device.type == "cuda")
     ids = data.blocks("builtin", teacher.tokenizer, "train", args.batch, args.seq_len).to(device)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    # the training loop's precision on this hardware (bf16 on sm80+, fp16 before; CPU: fp32)
+    autocast = torch.autocast(device.type, dtype=models.pick_dtype(device), enabled=device.type == "cuda")
     teacher.model.eval()
 
     def plain():
@@ -115,7 +118,9 @@ def main() -> int:
     parser.add_argument("--device", default=None)
     parser.add_argument("--batch", type=int, default=None)
     parser.add_argument("--seq-len", type=int, default=None)
-    parser.add_argument("--keep-layers", type=int, default=18)
+    parser.add_argument("--model", default="default", help="the teacher (REF; a local folder where "
+                        "the default GGUF cannot be read)")
+    parser.add_argument("--keep-layers", type=int, default=None, help="student layers (default 60%%)")
     parser.add_argument("--chunk", type=int, default=distill.DistillConfig.chunk)
     parser.add_argument("--steps", type=int, default=None, help="timed rounds (each mode once)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "distill.json"))
@@ -142,7 +147,8 @@ def main() -> int:
     del steps
     peaks = {}
     for m in MODES:  # separate processes: peak resident memory cannot be reset in one
-        cmd = [sys.executable, "-m", "bench.bench_distill", "--mode", m, "--batch", str(args.batch),
+        cmd = [sys.executable, "-m", "bench.bench_distill", "--mode", m, "--model", args.model,
+               "--batch", str(args.batch),
                "--seq-len", str(args.seq_len), "--keep-layers", str(args.keep_layers),
                "--chunk", str(args.chunk)]
         if args.device:
@@ -153,12 +159,13 @@ def main() -> int:
     result = {
         "device": device_name(device),
         "torch": torch.__version__,
-        "teacher": "SmolLM2-135M-Instruct (default)",
+        "teacher": "SmolLM2-135M-Instruct (default)" if args.model == "default" else args.model,
         "teacher_params": sum(p.numel() for p in teacher.model.parameters()),
         "student_params": params,
         "student_layers": args.keep_layers,
         "batch": args.batch, "seq_len": args.seq_len, "chunk": args.chunk, "rounds": args.steps,
-        "precision": "bf16 autocast, fp32 master weights" if device.type == "cuda" else "fp32",
+        "precision": (f"{str(models.pick_dtype(device)).removeprefix('torch.')} autocast, fp32 master "
+                      "weights") if device.type == "cuda" else "fp32",
         "modes": {m: {"step_s_median": statistics.median(times[m]),
                       "tokens_per_s": tokens / statistics.median(times[m]),
                       "peak_memory_mb": peaks[m] / 2**20} for m in MODES},

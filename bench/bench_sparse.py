@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.common import device_name, sync, write_json
-from compact import models, sparsity
+from compact import hardware, models, sparsity
 
 SMALL = [(576, 576), (192, 576), (1536, 576), (576, 1536)]   # default model: q/o, k/v, up/gate, down
 LARGE = [(4096, 4096), (14336, 4096), (4096, 14336)]          # an 8B model
@@ -46,15 +46,6 @@ def timed(fn, device, repeats: int, warmup: int = 2) -> float:
         sync(device)
         times.append((time.perf_counter() - start) * 1000)
     return statistics.median(times)
-
-
-def kernels_available(device: torch.device) -> tuple[bool, str]:
-    if device.type != "cuda":
-        return False, "2:4 kernels (torch.sparse.to_sparse_semi_structured) need CUDA; dense only"
-    major, minor = torch.cuda.get_device_capability(device)
-    if major < 8:
-        return False, f"compute capability {major}.{minor}: 2:4 kernels need 8.0 or newer"
-    return True, ""
 
 
 def _pruned(out_f: int, in_f: int, device, dtype) -> torch.Tensor:
@@ -195,8 +186,8 @@ def main() -> int:
     args = p.parse_args()
     device = models.pick_device(args.device)
     cuda = device.type == "cuda"
-    dtype = torch.bfloat16 if cuda else torch.float32
-    sparse_ok, reason = kernels_available(device)
+    dtype = models.pick_dtype(device)  # by hardware: bfloat16 on sm80+, float16 before, float32 on CPU
+    sparse_ok, reason = hardware.sparse_kernels(hardware.props(device))
     repeats = args.repeats or (20 if cuda else 3)
     # a CPU run keeps to the small shapes and short inputs: it measures only the dense side
     shapes = SMALL + (LARGE if cuda else [])

@@ -30,6 +30,7 @@ from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from compact import arch as arch_mod
+from compact import hardware
 from compact.errors import UserError
 from compact.paths import cache_dir
 
@@ -91,12 +92,12 @@ def pick_device(device: str | None = None) -> torch.device:
 def pick_dtype(device: torch.device, dtype: str | torch.dtype | None = None) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
-    if dtype:
+    if dtype and dtype != "auto":
         try:
             return DTYPES[dtype]
         except KeyError:
-            raise UserError(f"unknown dtype '{dtype}': use float32, bfloat16 or float16") from None
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
+            raise UserError(f"unknown dtype '{dtype}': use auto, float32, bfloat16 or float16") from None
+    return hardware.compute_dtype(hardware.props(device))
 
 
 def recorded_dtype(config) -> torch.dtype | None:

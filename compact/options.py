@@ -33,7 +33,9 @@ class LoadOptions:
     """How a job loads its models: shared by every command that loads one."""
 
     device: str | None = option(None, "cpu, cuda, cuda:1 ... (default: automatic)")
-    dtype: str | None = option(None, "float32, bfloat16 or float16 (default: by device)")
+    dtype: str | None = option(None, "auto, float32, bfloat16 or float16 (default auto: bfloat16 on "
+                                        "GPUs of compute capability 8.0+, float16 on older ones, "
+                                        "float32 on CPU)")
     trust_remote_code: bool = option(False, "allow a model's own code to run")
     allow_pickle: bool = option(False, "allow loading pickle (.bin) weights")
 

@@ -20,7 +20,7 @@ def _flag(name: str, default: bool = False) -> bool:
     return value.strip().lower() in ("1", "true", "yes", "on")
 
 
-def _int(name: str, default: int) -> int:
+def _int(name: str, default: int | None) -> int | None:
     value = os.environ.get(name)
     if value is None or not value.strip():
         return default
@@ -32,8 +32,10 @@ def _int(name: str, default: int) -> int:
 
 @dataclass(frozen=True)
 class Settings:
-    host: str = "127.0.0.1"
-    port: int = 7860
+    # None: not set here, so Gradio's own GRADIO_SERVER_NAME / GRADIO_SERVER_PORT (which a
+    # Gradio Space sets) or its defaults (127.0.0.1, 7860) apply.
+    host: str | None = None
+    port: int | None = None
     data_dir: Path = Path("data")
     queue_size: int = 16  # pending requests beyond this are refused with a clear message
     gpu_concurrency: int = 1  # interactive model-running events (load, generate, prune...) at once
@@ -87,8 +89,8 @@ def load() -> Settings:
     extra = [Path(p).expanduser().resolve()
              for p in os.environ.get("COMPACT_ALLOWED_DIRS", "").split(":") if p]
     return Settings(
-        host=os.environ.get("COMPACT_HOST", "127.0.0.1"),
-        port=_int("COMPACT_PORT", 7860),
+        host=os.environ.get("COMPACT_HOST") or None,
+        port=_int("COMPACT_PORT", None),
         data_dir=data_dir,
         queue_size=_int("COMPACT_QUEUE_SIZE", 16),
         gpu_concurrency=_int("COMPACT_GPU_CONCURRENCY", 1),

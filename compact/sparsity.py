@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
 from compact import arch as arch_mod
+from compact import hardware
 from compact.arch import weight_oi
 from compact.errors import Cancelled, UserError
 
@@ -427,10 +428,9 @@ def to_semi_structured(model, n: int = 2, m: int = 4, search_tokens: int = 0) ->
     """
     if (n, m) != (2, 4):
         raise UserError("the sparse kernels support only the 2:4 pattern")
-    device = next(model.parameters()).device
-    if device.type != "cuda" or not torch.cuda.is_available():
-        raise UserError("2:4 sparse kernels need a CUDA GPU; this model is on "
-                        f"{device.type} (the sparse checkpoint still runs, with dense kernels)")
+    ok, why = hardware.sparse_kernels(hardware.props(next(model.parameters()).device))
+    if not ok:
+        raise UserError(why)
     from torch.sparse import to_sparse_semi_structured
 
     converted, skipped, algs = [], {}, {}

@@ -1,6 +1,7 @@
 """The training loop under compact.distill (and through its hooks compact.sparse_training).
 
-accelerate does device placement, mixed precision (bf16 on CUDA, fp32 on CPU), gradient
+accelerate does device placement, mixed precision (by hardware, compact.hardware: bf16 on
+Ampere and newer GPUs, fp16 with loss scaling on older ones, fp32 on CPU), gradient
 accumulation and checkpoint state, so `accelerate launch -m compact distill ...` runs the loop on
 many GPUs (DDP, FSDP) with no distributed code here.
 
@@ -36,9 +37,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from compact import losses, models
+from compact import hardware, losses, models
 from compact.errors import UserError
 from compact.options import LoadOptions, option
+
+TRACKERS = ("none", "tensorboard", "trackio", "wandb")  # accelerate's names (log_with)
 
 
 @dataclass(kw_only=True)
@@ -63,6 +66,8 @@ class TrainingOptions(LoadOptions):
     seed: int = option(0, "seed of the data order and of every step")
     chunk: int = option(losses.DEFAULT_CHUNK, "token positions per logit-loss chunk (memory bound)")
     resume: bool = option(False, "continue the run in --out exactly")
+    report_to: str = option("none", "also send each step's metrics to this tracker, through accelerate "
+                                    "(tensorboard writes under --out/logs)", choices=TRACKERS)
 
     def check_training(self) -> None:
         if self.tokens <= 0:
@@ -82,6 +87,7 @@ class TrainingOptions(LoadOptions):
             raise UserError("min-lr-ratio must be between 0 and 1")
         if not self.out:
             raise UserError("training needs an output folder (--out)")
+        check_tracker(self.report_to)
         if self.device:
             try:
                 dev = torch.device(self.device)
@@ -146,13 +152,20 @@ class HooksState:
 
 # -- accelerate ------------------------------------------------------------------------------
 
-def mixed_precision(dtype: torch.dtype) -> str:
-    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "no")
+def check_tracker(name: str) -> None:
+    """A tracker that is not installed is refused here; accelerate would only skip it quietly."""
+    import accelerate.utils as au
+
+    if name not in TRACKERS:
+        raise UserError(f"unknown tracker '{name}': use {', '.join(TRACKERS)}")
+    if name != "none" and not getattr(au, f"is_{name}_available")():
+        raise UserError(f"--report-to {name} needs the '{name}' package: pip install {name}")
 
 
 def make_accelerator(cfg: DistillConfig, compute_dtype: torch.dtype, fresh: bool = True):
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
+    from accelerate.utils import ProjectConfiguration
 
     launched = int(os.environ.get("WORLD_SIZE", "1")) > 1 or "ACCELERATE_MIXED_PRECISION" in os.environ
     if fresh and not launched:
@@ -160,13 +173,17 @@ def make_accelerator(cfg: DistillConfig, compute_dtype: torch.dtype, fresh: bool
         # accelerate keeps those in process-wide singletons, so start them afresh.
         AcceleratorState._reset_state(reset_partial_state=True)
         GradientState._reset_state()
-    mixed = None if launched and cfg.dtype is None else mixed_precision(compute_dtype)
+    mixed = None if launched and cfg.dtype in (None, "auto") else hardware.mixed_precision(compute_dtype)
     # accelerate only spreads CPU processes (torchrun, accelerate launch) when told cpu=True.
     cpu = models.pick_device(cfg.device).type == "cpu"
     if cfg.device and torch.device(cfg.device).type == "cuda" and torch.device(cfg.device).index \
             is not None and not launched:
         torch.cuda.set_device(torch.device(cfg.device))
-    return Accelerator(mixed_precision=mixed, cpu=cpu, gradient_accumulation_steps=cfg.grad_accum)
+    # Trackers log nothing until Loop's init_trackers; their local files go to <out>/logs.
+    out = Path(cfg.out).expanduser()
+    project = ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs"))
+    return Accelerator(mixed_precision=mixed, cpu=cpu, gradient_accumulation_steps=cfg.grad_accum,
+                       log_with=None if cfg.report_to == "none" else cfg.report_to, project_config=project)
 
 
 # -- optimizer, schedule, seeds --------------------------------------------------------------
@@ -343,6 +360,10 @@ def open_folder(loop: Loop) -> None:
         if loop.resumed is None:
             (loop.out / "run.json").write_text(json.dumps(run_settings(loop.cfg, loop.world, loop.hooks),
                                                           indent=2))
+    if loop.cfg.report_to != "none":
+        settings = run_settings(loop.cfg, loop.world, loop.hooks)
+        loop.accelerator.init_trackers(f"compact-{loop.hooks.name}", config={
+            k: v for k, v in settings.items() if isinstance(v, (int, float, str, bool))})
 
 
 def prepare(loop: Loop, module: nn.Module, blocks: torch.Tensor) -> None:
@@ -405,6 +426,8 @@ def train(loop: Loop, forward: Callable[[torch.Tensor], dict], keys: tuple[str, 
             if metrics_file:
                 metrics_file.write(json.dumps(event, default=float) + "\n")
                 metrics_file.flush()
+            if cfg.report_to != "none":  # the same numbers to the tracker (main process only)
+                acc.log(tracked(event), step=loop.step)
             emit(event)
             if _stop_or_save(loop, should_stop):
                 break
@@ -412,6 +435,12 @@ def train(loop: Loop, forward: Callable[[torch.Tensor], dict], keys: tuple[str, 
         if metrics_file:
             metrics_file.close()
     loop.seconds = time.perf_counter() - started
+
+
+def tracked(event: dict) -> dict:
+    """A step event's numbers for a tracker, under train/ (the step is the tracker's own axis)."""
+    return {f"train/{k}": v for k, v in event.items() if k not in ("kind", "step", "steps", "total_tokens")
+            and isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
 def _step_event(loop: Loop, grad_norm, extra: dict, elapsed: float) -> dict:
@@ -478,10 +507,16 @@ def save_model(loop: Loop, tokenizer, meta: dict, dtype: torch.dtype | None = No
 
 
 def close(loop: Loop, dtype: torch.dtype) -> None:
-    """The model in eval mode and back in `dtype` (its own before training); accelerate let go."""
+    """The model in eval mode and back in `dtype` (its own before training); trackers closed and
+    accelerate let go."""
     loop.model.eval()
     if dtype != torch.float32:
         loop.model.to(dtype)
+    # Each tracker's finish() is what accelerator.end_training() does, minus destroying the
+    # process group, which a caller under `accelerate launch` (search, experiments) still needs.
+    for tracker in loop.accelerator.trackers:
+        tracker.finish()
+    loop.accelerator.trackers.clear()
     loop.accelerator.free_memory()
 
 

@@ -60,6 +60,29 @@ def tiny_model(family: str, vocab: int, seed: int = 0, **shape):
     return model.eval()
 
 
+def reference_text(chars: int = 60_000) -> str:
+    """English prose that ships with every CPython: the Python reference's topics."""
+    import pydoc_data.topics as topics
+
+    return "\n\n".join(topics.topics[k] for k in sorted(topics.topics))[:chars]
+
+
+def tiny_tokenizer(vocab: int = 512):
+    """A byte-level BPE tokenizer trained here on reference_text(): for machines without the
+    default model (its GGUF needs the gguf package), such as a bare GPU machine."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([reference_text()], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>",
+                                   pad_token="<|endoftext|>")
+
+
 # -- planted dead parts (importance must rank them lowest; pruning them is exact) ------------
 
 def zero_rows(module, rows=None) -> None:

@@ -172,6 +172,35 @@ def test_run_checks_its_inputs(tmp_path, pair, tokenizer, make_model):
         distill.run(_config(pair, tmp_path / "c"), teacher=t, student=_loaded(other, tokenizer, "s"))
 
 
+def test_report_to_tensorboard_writes_each_steps_losses(tmp_path, pair, tokenizer):
+    """--report-to tensorboard: accelerate's tracker writes real event files under out/logs whose
+    scalars are the steps' losses in metrics.jsonl."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "tb"
+    _run(_config(pair, out, report_to="tensorboard"), pair, tokenizer)
+    logs = out / "logs" / "compact-distill"
+    assert list(logs.glob("events.out.tfevents.*"))
+    acc = EventAccumulator(str(logs))
+    acc.Reload()
+    loss = acc.Scalars("train/loss")
+    steps = _steps(out)
+    assert [e.step for e in loss] == [s["step"] for s in steps] == [1, 2, 3, 4]
+    assert [e.value for e in loss] == pytest.approx([s["loss"] for s in steps], rel=1e-6)
+    assert {"train/kd", "train/ce", "train/lr", "train/tokens_per_s"} <= set(acc.Tags()["scalars"])
+
+
+def test_report_to_a_tracker_that_is_not_installed_is_a_user_error(tmp_path, pair, tokenizer):
+    import accelerate.utils
+
+    if accelerate.utils.is_wandb_available():
+        pytest.skip("wandb is installed here")
+    with pytest.raises(models.UserError, match="--report-to wandb needs the 'wandb' package"):
+        _run(_config(pair, tmp_path / "w", report_to="wandb"), pair, tokenizer)
+    assert not (tmp_path / "w").exists()
+
+
 @pytest.mark.slow
 def test_a_few_steps_lower_the_validation_loss_of_a_pruned_model(tmp_path, make_model, tokenizer, text_file):
     """A tiny model with 2 of its 4 layers cut, distilled for 6 steps toward its teacher. The

@@ -74,13 +74,20 @@ def clean_periodically(every_s: float = 1800) -> None:
 
 
 def launch(app: gr.Blocks | None = None, **kwargs):
-    """Queue with a bounded size, then serve with the settings' host, port and auth."""
+    """Queue with a bounded size, then serve with the settings' auth and limits.
+
+    Host and port are passed only where COMPACT_HOST / COMPACT_PORT set them; otherwise Gradio
+    reads its own GRADIO_SERVER_NAME / GRADIO_SERVER_PORT (a Gradio Space sets them).
+    """
     s = st.SETTINGS
     app = app or build_app()
     clean_periodically()
     app.queue(max_size=s.queue_size, default_concurrency_limit=4)
-    options = dict(server_name=s.host, server_port=s.port, auth=s.auth, css=CSS, head=PARETO_JS,
-                   max_file_size=f"{s.max_upload_mb}mb", allowed_paths=[str(st.data_root())],
-                   show_error=True)
+    options = dict(auth=s.auth, css=CSS, head=PARETO_JS, max_file_size=f"{s.max_upload_mb}mb",
+                   allowed_paths=[str(st.data_root())], show_error=True)
+    if s.host is not None:
+        options["server_name"] = s.host
+    if s.port is not None:
+        options["server_port"] = s.port
     options.update(kwargs)
     return app.launch(**options)

@@ -28,9 +28,12 @@ def free_port() -> int:
 def serve(tmp: Path, timeout: float = 180):
     """Yield the URL of a freshly started app whose data and runs store live under tmp."""
     port = free_port()
-    env = {**os.environ, "COMPACT_HOST": "127.0.0.1", "COMPACT_PORT": str(port),
-           "COMPACT_DATA": str(tmp / "data"), "COMPACT_RUNS_DB": str(tmp / "runs.sqlite"),
-           "GRADIO_ANALYTICS_ENABLED": "False"}
+    # Host and port through Gradio's own variables, as on a Space (COMPACT_HOST / COMPACT_PORT
+    # would take precedence, so they are left out).
+    env = {k: v for k, v in os.environ.items() if k not in ("COMPACT_HOST", "COMPACT_PORT")}
+    env.update({"GRADIO_SERVER_NAME": "127.0.0.1", "GRADIO_SERVER_PORT": str(port),
+                "COMPACT_DATA": str(tmp / "data"), "COMPACT_RUNS_DB": str(tmp / "runs.sqlite"),
+                "GRADIO_ANALYTICS_ENABLED": "False"})
     log = open(tmp / "server.log", "w")
     proc = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=env, stdout=log,
                             stderr=subprocess.STDOUT)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from compact import sparsify, sparsity
+from compact import hardware, models, sparsify, sparsity
 from compact.jobs import command_line
 from compact.options import default
 from compact.sparsify import METHODS, SparsifyConfig
@@ -155,7 +155,8 @@ def build(ctx: Ctx) -> None:
                     "and newer GPUs, but is only faster for large layers and many tokens (see the README's "
                     "Performance section); the sparse checkpoint here runs with dense kernels. One-shot: "
                     "magnitude, Wanda, SparseGPT. AST trains the sparse model by distillation from the "
-                    "dense one, re-choosing masks as it goes; SLoRB adds a small low-rank term.")
+                    "dense one, re-choosing masks as it goes; SLoRB adds a small low-rank term.\n\n"
+                    f"This server: {hardware.summary(hardware.props(models.pick_device()))}.")
         with gr.Row():
             model = gr.Dropdown(model_choices(None, roots=True), value="default", allow_custom_value=True,
                                 label="Model to sparsify", elem_id="sparsify-model")

@@ -1,0 +1,71 @@
+"""What the machine's accelerator can do: the precision to compute in, and whether 2:4 kernels run.
+
+Plain functions of a Device (is it CUDA, its compute capability, its name), so that every case
+is tested on a CPU with made-up properties; `props(device)` reads the real ones.
+- bfloat16 where the GPU has it natively (compute capability 8.0, Ampere, and newer);
+- float16 on older GPUs (T4 is 7.5, V100 7.0): their bfloat16 is emulated and slow, and
+  float16's narrow range is covered in training by accelerate's loss scaling
+  (mixed_precision="fp16");
+- float32 on a CPU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+AMPERE = (8, 0)  # native bfloat16 and the sparse tensor cores of 2:4 kernels start here
+
+
+@dataclass(frozen=True)
+class Device:
+    is_cuda: bool
+    capability: tuple[int, int] = (0, 0)
+    name: str = "cpu"
+
+
+def props(device: torch.device | str) -> Device:
+    """The properties of a real device."""
+    device = torch.device(device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return Device(False, name=device.type)
+    return Device(True, tuple(torch.cuda.get_device_capability(device)), torch.cuda.get_device_name(device))
+
+
+def compute_dtype(dev: Device) -> torch.dtype:
+    """The dtype models run in on this device when none is asked for."""
+    if not dev.is_cuda:
+        return torch.float32
+    return torch.bfloat16 if dev.capability >= AMPERE else torch.float16
+
+
+def mixed_precision(dtype: torch.dtype) -> str:
+    """accelerate's mixed_precision for a compute dtype ("fp16" brings its loss scaling)."""
+    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "no")
+
+
+def sparse_kernels(dev: Device) -> tuple[bool, str]:
+    """Whether torch's 2:4 semi-structured kernels run here, and if not, why (one sentence)."""
+    if not dev.is_cuda:
+        return False, (f"2:4 sparse kernels need a CUDA GPU, not the {dev.name} "
+                       "(the sparse checkpoint still runs, with dense kernels)")
+    if dev.capability < AMPERE:
+        major, minor = dev.capability
+        return False, (f"2:4 sparse kernels need compute capability 8.0 (Ampere) or newer; {dev.name} "
+                       f"has {major}.{minor} (the sparse checkpoint still runs, with dense kernels)")
+    return True, ""
+
+
+def summary(dev: Device) -> str:
+    """One line for people: the device, the precision it computes in, and the 2:4 kernels."""
+    dtype = str(compute_dtype(dev)).removeprefix("torch.")
+    if dev.is_cuda:
+        major, minor = dev.capability
+        where = f"{dev.name} (compute capability {major}.{minor})"
+        if dtype == "float16":
+            dtype += " (training: fp32 master weights, loss scaling)"
+    else:
+        where = dev.name
+    ok, why = sparse_kernels(dev)
+    return f"{where}: {dtype}; " + ("2:4 sparse kernels available" if ok else why)

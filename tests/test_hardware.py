@@ -1,0 +1,64 @@
+"""Precision and 2:4 kernels by hardware: each case with made-up device properties, on a CPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from compact import hardware, models, sparsity
+from compact.errors import UserError
+from compact.hardware import Device
+
+CPU = Device(False)
+T4 = Device(True, (7, 5), "Tesla T4")
+V100 = Device(True, (7, 0), "Tesla V100-SXM2-16GB")
+A100 = Device(True, (8, 0), "NVIDIA A100-SXM4-40GB")
+H100 = Device(True, (9, 0), "NVIDIA H100 80GB HBM3")
+
+
+@pytest.mark.parametrize("dev, dtype, mixed", [
+    (CPU, torch.float32, "no"),
+    (V100, torch.float16, "fp16"),  # fp16 trains with accelerate's loss scaling
+    (T4, torch.float16, "fp16"),
+    (A100, torch.bfloat16, "bf16"),
+    (H100, torch.bfloat16, "bf16"),
+])
+def test_precision_follows_the_compute_capability(dev, dtype, mixed):
+    assert hardware.compute_dtype(dev) == dtype
+    assert hardware.mixed_precision(hardware.compute_dtype(dev)) == mixed
+
+
+@pytest.mark.parametrize("dev, ok, reason", [
+    (CPU, False, "need a CUDA GPU"),
+    (T4, False, "Tesla T4 has 7.5"),
+    (V100, False, "has 7.0"),
+    (A100, True, ""),
+    (H100, True, ""),
+])
+def test_sparse_kernels_need_ampere_and_say_why_not(dev, ok, reason):
+    got, why = hardware.sparse_kernels(dev)
+    assert got is ok
+    assert reason in why and (why == "") is ok
+
+
+def test_summary_names_device_precision_and_kernels():
+    assert hardware.summary(T4).startswith("Tesla T4 (compute capability 7.5): float16")
+    assert "2:4 sparse kernels need compute capability 8.0" in hardware.summary(T4)
+    assert hardware.summary(H100).endswith("bfloat16; 2:4 sparse kernels available")
+    assert hardware.summary(CPU).startswith("cpu: float32")
+
+
+def test_this_machines_cpu_and_the_dtype_option():
+    assert hardware.props("cpu") == CPU
+    assert models.pick_dtype(torch.device("cpu")) == torch.float32
+    assert models.pick_dtype(torch.device("cpu"), "auto") == torch.float32
+    assert models.pick_dtype(torch.device("cpu"), "bf16") == torch.bfloat16
+    with pytest.raises(UserError, match="use auto, float32"):
+        models.pick_dtype(torch.device("cpu"), "float8")
+
+
+def test_semi_structured_on_cpu_gives_the_reason(make_model):
+    model = make_model("llama")
+    sparsity.one_shot(model, "magnitude")
+    with pytest.raises(UserError, match="need a CUDA GPU"):
+        sparsity.to_semi_structured(model)
