@@ -123,6 +123,22 @@ class Browser:
             el.dispatchEvent(new Event('blur', {{bubbles: true}}));
             return true; }})()"""), f"no number input in #{elem_id}"
 
+    def mouse_click(self, selector: str) -> None:
+        """A real mouse click (move, press, release) at the centre of the element."""
+        box = self.js(f"""(() => {{
+            const el = {selector};
+            if (!el) return null;
+            el.scrollIntoView({{block: 'center'}});
+            const r = el.getBoundingClientRect();
+            return [r.left + r.width / 2, r.top + r.height / 2]; }})()""")
+        assert box, f"nothing at {selector}"
+        x, y = box
+        self.call("Input.dispatchMouseEvent", session=True, type="mouseMoved", x=x, y=y)
+        time.sleep(0.3)  # Plotly's hover, which its click reports, follows the move
+        for kind in ("mousePressed", "mouseReleased"):
+            self.call("Input.dispatchMouseEvent", session=True, type=kind, x=x, y=y, button="left",
+                      clickCount=1)
+
     def text(self, selector: str) -> str:
         return self.js(f"(document.querySelector({json.dumps(selector)}) || {{}}).innerText || ''")
 
@@ -206,3 +222,41 @@ def test_main_flow_by_clicking(browser):
     shot = b.screenshot(SHOTS / "04-compare.png")
     assert shot.stat().st_size > 10_000
     print(f"screenshots in {SHOTS}")
+
+
+def test_workspace_views_by_clicking(browser):
+    """After the flow above: the pickers name models (not paths), the lineage tree shows the root
+    and the pruned model with their canonical perplexities, and a click on a Pareto point picks
+    that model for Compare."""
+    b = browser
+    b.click_tab("Sparsify")
+    b.wait("document.querySelector('#sparsify-model input') !== null", 20, "the sparsify model picker")
+    b.js("document.querySelector('#sparsify-model input').focus()")
+    b.js("document.querySelector('#sparsify-model input').click()")
+    option = b.wait("[...document.querySelectorAll('ul[role=listbox] li')].map(li => li.innerText)"
+                    ".find(t => t.startsWith('pruned-1 · pruned · 24L'))", 20, "the pruned model as a choice")
+    assert "ppl " in option and "/" not in option  # a name, its size and score; no path
+    b.js("document.activeElement.blur()")
+
+    b.click_tab("Export")
+    b.wait("[...document.querySelectorAll('button')].some(x => x.innerText.trim() === 'Runs')", 20, "the tab")
+    b.js("[...document.querySelectorAll('button')].find(x => x.innerText.trim() === 'Runs').click()")
+    b.wait("[...document.querySelectorAll('button')].some(x => x.offsetParent && x.innerText.trim() === "
+           "'Lineage')", 20, "the runs accordion")
+    b.click_button("Lineage")
+    tree = b.wait("(t => t.includes('(root)') && t)(document.querySelector('#lineage').innerText)", 60,
+                  "the lineage tree")
+    assert "default (root) · ppl " in tree and "pruned-1" in tree.split("(root)")[1]
+    b.click_button("Pareto view")
+    points = "#pareto-plot .js-plotly-plot .scatterlayer .trace:first-child .point"
+    b.wait(f"document.querySelectorAll('{points}').length >= 2", 60, "the Pareto points")
+    b.screenshot(SHOTS / "05-pareto.png")
+    index = b.js("document.querySelector('#pareto-plot .js-plotly-plot')._fullData[0].customdata"
+                 ".findIndex(r => r.endsWith('/pruned-1'))")
+    assert index >= 0
+    b.mouse_click(f"document.querySelectorAll('{points}')[{index}]")
+    b.wait("document.querySelector('#pareto-note').innerText.includes('Picked pruned-1')", 30,
+           "the pick's confirmation")
+    b.click_tab("Compare")
+    b.wait("(document.querySelector('#cmp-slot-1 input') || {}).value.includes('pruned-1')", 20,
+           "the picked model in Compare's first slot")

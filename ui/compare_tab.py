@@ -87,7 +87,8 @@ def build(ctx: Ctx) -> None:
         with gr.Row():
             original = gr.Dropdown(model_choices(None, roots=True), value="default", allow_custom_value=True,
                                    label="Original")
-            slots = [gr.Dropdown([], value=None, allow_custom_value=True, label=f"Compressed {i}")
+            slots = [gr.Dropdown([], value=None, allow_custom_value=True, label=f"Compressed {i}",
+                                 elem_id=f"cmp-slot-{i}")
                      for i in range(1, SLOTS)]
         with gr.Row():
             prompt = gr.Textbox(value="The capital of France is", label="Prompt", scale=3)
