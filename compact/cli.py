@@ -11,7 +11,6 @@ program that follows the job (compact.events; the app's worker processes).
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import os
 import signal
@@ -134,11 +133,6 @@ def _record(run, result) -> None:
         run.counts(result)
 
 
-def _takes_events(fn) -> bool:
-    params = inspect.signature(fn).parameters.values()
-    return any(p.name == "on_event" or p.kind is p.VAR_KEYWORD for p in params)
-
-
 def _both(*sinks):
     def report(fraction: float, message: str | None = None) -> None:
         for sink in sinks:
@@ -171,7 +165,7 @@ def run_job(name: str, cfg) -> dict:
     if sink is not None:
         sink.write("start", pid=os.getpid(), command=name)
         report = _both(progress, sink.progress)
-        if _takes_events(job.run):
+        if job.events:
             extra["on_event"] = sink.event
     parent = int(os.environ.get(events.PARENT_ENV) or 0) or None
     recorded = job.recorded and main and not os.environ.get(events.RUN_ID_ENV)

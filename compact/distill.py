@@ -12,21 +12,20 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 from torch import nn
 
 from compact import data, losses, models, scoreboard, train
 from compact.errors import Cancelled, UserError
-from compact.options import option
+from compact.options import LoadOptions, option, options
 from compact.scoreboard import ScoreOptions
 from compact.train import TrainHooks
 
-# Settings that change what training computes; a resumed run must match them.
-TRAINING_KEYS = ("teacher", "student", "data", "tokens", "seq_len", "batch", "grad_accum", "lr",
-                 "min_lr_ratio", "warmup_steps", "weight_decay", "clip", "temperature", "kd_weight",
-                 "ce_weight", "hidden_weight", "teacher_correction_steps", "seed", "chunk")
+# Options that change how a run is carried out or reported, not what it computes: a resumed run
+# may change them (and the load options); every other option must match its checkpoint's.
+RUN_ONLY = ("out", "resume", "checkpoint_every", "eval_tokens", "report_to", "score")
 TOKENIZER_PROBE = "Distillation needs the same tokenizer: naïve café, 12345, <tags> and\ttabs.\n"
 
 
@@ -50,7 +49,9 @@ class DistillConfig(ScoreOptions, train.TrainingOptions):
             raise UserError("step and token counts must not be negative")
 
     def training_settings(self) -> dict:
-        return {k: getattr(self, k) for k in TRAINING_KEYS}
+        """The options that change what training computes: run.json holds them, resume checks them."""
+        skip = {f.name for f in fields(LoadOptions)} | set(RUN_ONLY)
+        return {f.name: getattr(self, f.name) for f in options(self) if f.name not in skip}
 
 @contextlib.contextmanager
 def capture_norms(model, arch, blocks: list[int]):

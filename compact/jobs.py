@@ -24,6 +24,7 @@ class Job:
     config: type
     run: Callable[..., dict]
     recorded: bool = True  # kept in the runs store (compact.runs)
+    events: bool = False  # run takes on_event(dict): training steps a worker relays to the app
 
 
 JOBS = {job.name: job for job in (
@@ -37,11 +38,11 @@ JOBS = {job.name: job for job in (
         search.SearchConfig, search.run),
     Job("distill", "knowledge distillation of a student toward a teacher (accelerate)",
         distill.DistillConfig, lambda cfg, progress=None, should_stop=None, **kw:
-        distill.run(cfg, progress=progress, should_stop=should_stop, **kw)),
+        distill.run(cfg, progress=progress, should_stop=should_stop, **kw), events=True),
     Job("sparsify", "N:M (2:4) sparsity: one-shot magnitude, Wanda, SparseGPT, or AST training",
-        sparsify.SparsifyConfig, sparsify.run),
+        sparsify.SparsifyConfig, sparsify.run, events=True),
     Job("experiment", "reproduce a paper finding: axis-ablation, kd-vs-ce, sparse-methods",
-        experiments.ExperimentConfig, experiments.run, recorded=False),
+        experiments.ExperimentConfig, experiments.run, recorded=False, events=True),
 )}
 
 

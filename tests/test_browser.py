@@ -239,8 +239,9 @@ def test_workspace_views_by_clicking(browser):
     b.js("document.activeElement.blur()")
 
     b.click_tab("Export")
-    b.wait("[...document.querySelectorAll('button')].some(x => x.innerText.trim() === 'Runs')", 20, "the tab")
-    b.js("[...document.querySelectorAll('button')].find(x => x.innerText.trim() === 'Runs').click()")
+    runs = "[...document.querySelectorAll('.label-wrap')].find(x => x.textContent.trim().startsWith('Runs'))"
+    b.wait(runs, 20, "the runs accordion's label")
+    b.js(f"{runs}.click()")
     b.wait("[...document.querySelectorAll('button')].some(x => x.offsetParent && x.innerText.trim() === "
            "'Lineage')", 20, "the runs accordion")
     b.click_button("Lineage")

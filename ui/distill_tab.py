@@ -70,16 +70,6 @@ def run(teacher: str, student: str, src: str, tokens: int, seq_len: int, batch: 
     yield from train(cfg, state, sid, progress)
 
 
-@gpu
-@jobs.user_errors
-def resume_run(run_id, state: dict | None, request: gr.Request, progress=gr.Progress()):
-    """Continue an interrupted or cancelled distillation of this session (the newest when no run is
-    picked) from its checkpoint, with the settings it started with."""
-    sid = jobs.session_id(request)
-    cfg = lanes.resume_config(sid, "distill", run_id)
-    yield from train(cfg, st.session(state), sid, progress)
-
-
 def train(cfg: DistillConfig, state: dict, sid: str, progress):
     """Run the distillation (a worker process, or in the server without workers); yield the tab's
     outputs as it goes: loss plot, status, result, state."""
@@ -171,7 +161,8 @@ def build(ctx: Ctx) -> None:
     event = go.click(run, [teacher, student, src, tokens, seq_len, batch, lr, temperature, kd_weight,
                            ce_weight, hidden_weight, resume, ctx.state],
                      [loss, status, result, ctx.state], api_name="distill", **LONG)
-    resumed = again.click(resume_run, [pick, ctx.state], [loss, status, result, ctx.state],
+    resumed = again.click(lanes.resume_handler("distill", train), [pick, ctx.state],
+                          [loss, status, result, ctx.state],
                           api_name="distill_resume", **LONG)
     ctx.output_events += [event, resumed]
     ctx.on_outputs.append((interrupted, [], [pick]))

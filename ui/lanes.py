@@ -252,3 +252,18 @@ def resume_controls(command: str, what: str):
         return gr.Dropdown(choices=found, value=found[0][1] if found else None)
 
     return pick, button, refresh
+
+
+def resume_handler(command: str, follow):
+    """A tab's Resume button handler: the picked run (the newest when none is) continues from its
+    checkpoint with its own settings, followed by follow(cfg, state, sid, progress) as the tab
+    follows a new run."""
+    from ui.common import gpu
+
+    @gpu
+    @jobs.user_errors
+    def resume_run(run_id, state: dict | None, request: gr.Request, progress=gr.Progress()):
+        sid = jobs.session_id(request)
+        yield from follow(resume_config(sid, command, run_id), st.session(state), sid, progress)
+
+    return resume_run

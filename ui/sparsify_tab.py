@@ -79,16 +79,6 @@ def run(model: str | None, method: str, pattern: str, src: str, samples: int, se
     yield from sparsify_job(cfg, state, sid, progress)
 
 
-@gpu
-@jobs.user_errors
-def resume_run(run_id, state: dict | None, request: gr.Request, progress=gr.Progress()):
-    """Continue an interrupted or cancelled AST run of this session (the newest when no run is
-    picked) from its checkpoint, with the settings it started with."""
-    sid = jobs.session_id(request)
-    cfg = lanes.resume_config(sid, "sparsify", run_id)
-    yield from sparsify_job(cfg, st.session(state), sid, progress)
-
-
 def sparsify_job(cfg: SparsifyConfig, state: dict, sid: str, progress):
     """Sparsify (a worker process for AST and the calibrated methods; magnitude, quick, in the
     server) and yield the tab's outputs as it goes."""
@@ -194,7 +184,8 @@ def build(ctx: Ctx) -> None:
     event = go.click(run, [model, method, pattern, src, samples, seq_len, tokens, batch, lr, slorb_k,
                            mask_interval, mask_margin, resume, ctx.state],
                      [per_layer, loss, flips, result, status, ctx.state], api_name="sparsify", **LONG)
-    resumed = again.click(resume_run, [pick, ctx.state], [per_layer, loss, flips, result, status, ctx.state],
+    resumed = again.click(lanes.resume_handler("sparsify", sparsify_job), [pick, ctx.state],
+                          [per_layer, loss, flips, result, status, ctx.state],
                           api_name="sparsify_resume", **LONG)
     ctx.output_events += [event, resumed]
     follow_models(ctx, model)
