@@ -267,7 +267,7 @@ def build(ctx: Ctx) -> None:
                 private = gr.Checkbox(value=True, label="Private")
             push_btn = gr.Button("Push")
             pushed = gr.Markdown()
-        with gr.Accordion("Runs", open=False):
+        with gr.Accordion("Runs", open=False, elem_id="runs-acc"):
             runs_btn = gr.Button("Refresh runs")
             runs_table = gr.Dataframe(headers=RUN_COLUMNS, interactive=False, label="Runs of this session")
             lineage_btn = gr.Button("Lineage")
