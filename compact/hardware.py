@@ -11,11 +11,18 @@ is tested on a CPU with made-up properties; `props(device)` reads the real ones.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
 
 AMPERE = (8, 0)  # native bfloat16 and the sparse tensor cores of 2:4 kernels start here
+
+
+def on_zero_gpu() -> bool:
+    """A ZeroGPU Space: the `spaces` package's own test (SPACES_ZERO_GPU). Merely having `spaces`
+    installed means nothing: outside ZeroGPU its decorator does nothing."""
+    return os.environ.get("SPACES_ZERO_GPU", "").lower() in ("1", "t", "true")
 
 
 @dataclass(frozen=True)

@@ -68,9 +68,9 @@ def default_workers() -> int:
     """Long jobs at once, from the device and its free memory: on a CPU one per 4 GiB free, at
     most 2 (they share the cores); on CUDA one per 8 GiB free GPU memory, at most 2 per GPU.
     0 (long jobs in the server process) on ZeroGPU, where only the server's process gets a GPU."""
-    import importlib.util
+    from compact.hardware import on_zero_gpu
 
-    if importlib.util.find_spec("spaces") is not None:
+    if on_zero_gpu():
         return 0
     import torch
 

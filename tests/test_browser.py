@@ -240,7 +240,7 @@ def test_workspace_views_by_clicking(browser):
 
     b.click_tab("Export")
     runs = "(document.querySelector('#runs-acc .label-wrap') || document.querySelector('#runs-acc button'))"
-    b.wait(runs, 20, "the runs accordion's label")
+    b.wait(f"!!{runs}", 20, "the runs accordion's label")
     b.js(f"{runs}.click()")
     b.wait("[...document.querySelectorAll('button')].some(x => x.offsetParent && x.innerText.trim() === "
            "'Lineage')", 20, "the runs accordion")

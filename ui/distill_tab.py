@@ -23,7 +23,6 @@ from ui.common import (
     LONG,
     Ctx,
     eval_note,
-    gpu,
     job_buttons,
     model_choices,
     scored,
@@ -43,7 +42,6 @@ def status_line(e: dict) -> str:
             + (f" · ETA {eta:.0f} s" if eta is not None else ""))
 
 
-@gpu
 @jobs.user_errors
 def run(teacher: str, student: str, src: str, tokens: int, seq_len: int, batch: int, lr: float,
         temperature: float, kd_weight: float, ce_weight: float, hidden_weight: float, resume: bool,
@@ -78,10 +76,9 @@ def train(cfg: DistillConfig, state: dict, sid: str, progress):
     events: list[dict] = []
 
     def in_process(job: jobs.Job):
-        teacher_loaded = st.CACHE.get(teacher)  # never changed by distill.run
-        student_loaded = st.CACHE.copy(student)  # trained in place: a private copy
-        return distill.run(cfg, on_event=job.event, should_stop=job.should_stop,
-                           teacher=teacher_loaded, student=student_loaded)
+        # the teacher is never changed by distill.run; the student is trained in place: a copy
+        return lanes.run_here(distill.run, cfg, job, preload=lambda: dict(
+            teacher=st.CACHE.get(teacher), student=st.CACHE.copy(student)))
 
     def work(job: jobs.Job):
         result = lanes.run_worker(cfg, job, sid) if lanes.enabled() else in_process(job)

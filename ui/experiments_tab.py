@@ -10,7 +10,7 @@ from compact.experiments import EXPERIMENTS, ExperimentConfig
 from compact.jobs import command_line
 from ui import jobs, lanes, plots
 from ui import state as st
-from ui.common import LONG, Ctx, eval_note, follow_models, gpu, job_buttons, model_choices
+from ui.common import LONG, Ctx, eval_note, follow_models, job_buttons, model_choices
 
 ABOUT = {
     "axis-ablation": "Prune to the same parameter count along depth, MLP, attention, embedding "
@@ -37,7 +37,6 @@ def figure(result: dict):
                       f"{result['experiment']}: perplexity ({result['canonical']})", "perplexity")
 
 
-@gpu
 @jobs.user_errors
 def run(model: str | None, name: str, keep: float, tokens: int, seq_len: int, batch: int, samples: int,
         eval_tokens: int, src: str, state: dict | None, request: gr.Request, progress=gr.Progress()):
@@ -57,7 +56,8 @@ def run(model: str | None, name: str, keep: float, tokens: int, seq_len: int, ba
     def work(job: jobs.Job):
         if lanes.enabled():  # the arms record themselves, under this session, from the worker
             return lanes.run_worker(cfg, job, sid)
-        return experiments.run(cfg, job.progress, job.should_stop)
+        return lanes.run_here(experiments.run, cfg, job, resumable=False,
+                              preload=lambda: dict(progress=job.progress))
 
     result = jobs.run_to_end(work, sid, f"experiment:{name}", progress, base_model=model,
                              inputs={"keep": cfg.keep, "tokens": cfg.tokens}, artifact=str(out),

@@ -26,6 +26,7 @@ COMPACT_WORKERS=0 runs long jobs in the server process, as before (ZeroGPU's def
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import signal
@@ -36,9 +37,10 @@ from pathlib import Path
 
 import gradio as gr
 
-from compact import runs
+from compact import runs, slices
 from compact.errors import Cancelled, UserError
 from compact.events import ENDS, EVENTS_ENV, PARENT_ENV, RUN_ID_ENV, EventReader, last_end
+from compact.hardware import on_zero_gpu
 from compact.jobs import argv, command_line, command_of, parse_command_line
 from ui import jobs
 from ui import state as st
@@ -50,6 +52,43 @@ RESUMABLE_STATUSES = ("interrupted", "crashed", "cancelled", "failed")
 
 def enabled() -> bool:
     return st.SETTINGS.workers > 0
+
+
+# -- long jobs in the server process (no workers; ZeroGPU) ------------------------------------
+
+try:  # ZeroGPU attaches a GPU only inside spaces.GPU calls; outside ZeroGPU the decorator does nothing
+    from spaces import GPU as _zero_gpu
+except ImportError:
+    def _zero_gpu(duration=None):
+        return lambda fn: fn
+
+
+@_zero_gpu(duration=lambda run, cfg: slices.duration(cfg))
+def _gpu_slice(run, cfg):
+    """One slice of a training job, on ZeroGPU's GPU (module level: ZeroGPU registers it at start)."""
+    return slices.one_slice(run, cfg, slices.duration(cfg) - slices.LOAD_S)
+
+
+@_zero_gpu(duration=lambda run, cfg: slices.max_slice_s())
+def _gpu_call(run, cfg):
+    """A job that cannot resume (one-shot, experiments): one GPU call of the longest duration."""
+    events: list[dict] = []
+    return run(cfg, on_event=events.append), events
+
+
+def run_here(run, cfg, job: jobs.Job, resumable: bool = True, preload=None) -> dict:
+    """A long job in the server process. On ZeroGPU: a training job as GPU slices that each fit
+    the Space's limit, resuming exactly between them (compact.slices); any other as one GPU
+    call; the models load inside (a GPU exists only there), the user's cancel takes effect
+    between slices. Elsewhere: one call with the models preload() gives (the cached ones)."""
+    if not on_zero_gpu():
+        return run(cfg, on_event=job.event, should_stop=job.should_stop, **(preload() if preload else {}))
+    if resumable:
+        return slices.run_sliced(functools.partial(_gpu_slice, run), cfg, job.should_stop, job.event)
+    result, events = _gpu_call(run, cfg)
+    for event in events:
+        job.event(event)
+    return result
 
 
 def files(sid: str, run_id: int) -> dict[str, Path]:
@@ -258,9 +297,6 @@ def resume_handler(command: str, follow):
     """A tab's Resume button handler: the picked run (the newest when none is) continues from its
     checkpoint with its own settings, followed by follow(cfg, state, sid, progress) as the tab
     follows a new run."""
-    from ui.common import gpu
-
-    @gpu
     @jobs.user_errors
     def resume_run(run_id, state: dict | None, request: gr.Request, progress=gr.Progress()):
         sid = jobs.session_id(request)

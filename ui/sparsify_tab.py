@@ -24,7 +24,6 @@ from ui.common import (
     Ctx,
     eval_note,
     follow_models,
-    gpu,
     job_buttons,
     model_choices,
     scored,
@@ -50,7 +49,6 @@ def loss_plot(events: list[dict]):
     return plots.curves(events, "tokens", ["loss", "kd", "ce"], "AST training loss", "loss")
 
 
-@gpu
 @jobs.user_errors
 def run(model: str | None, method: str, pattern: str, src: str, samples: int, seq_len: int,
         tokens: int, batch: int, lr: float, slorb_k: int, mask_interval: int, mask_margin: float,
@@ -87,10 +85,9 @@ def sparsify_job(cfg: SparsifyConfig, state: dict, sid: str, progress):
     events: list[dict] = []
 
     def in_process(job: jobs.Job):
-        dense = st.CACHE.get(ref)
-        student = st.CACHE.copy(ref)  # one-shot prunes, AST trains this copy in place
-        return sparsify.run(cfg, job.progress, job.should_stop, on_event=job.event, dense=dense,
-                            student=student)
+        # one-shot prunes, AST trains a copy in place; only AST can resume (be sliced)
+        return lanes.run_here(sparsify.run, cfg, job, resumable=method == "ast", preload=lambda: dict(
+            progress=job.progress, dense=st.CACHE.get(ref), student=st.CACHE.copy(ref)))
 
     def work(job: jobs.Job):
         in_worker = lanes.enabled() and method != "magnitude"
