@@ -23,8 +23,9 @@ def job(tmp_path, tiny_checkpoint, make_model, tokenizer):
 
     def config(out, **kw):
         base = dict(teacher=str(tiny_checkpoint("llama")), student=str(student),
-                    data=str(calib_text(tmp_path)), out=str(tmp_path / out), tokens=24 * 2 * 32, seq_len=32, batch=2, lr=1e-3, warmup_steps=2,
-                    ce_weight=0.5, eval_tokens=64, checkpoint_every=0)
+                    data=str(calib_text(tmp_path)), out=str(tmp_path / out), tokens=24 * 2 * 32,
+                    seq_len=32, batch=2, lr=1e-3, warmup_steps=2, ce_weight=0.5, eval_tokens=64,
+                    checkpoint_every=0)
         return distill.DistillConfig(**{**base, **kw})
     return config
 
