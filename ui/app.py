@@ -27,7 +27,7 @@ CSS = """
 .offscreen { position: absolute !important; left: -10000px; width: 1px; }
 """
 # A click on a point of the Pareto plot (ui/export_tab.py) writes the point's model (its
-# customdata) into the hidden #pareto-picked box, whose input event picks it for Compare.
+# customdata) into the hidden #pareto-picked box, whose change event picks it for Compare.
 # gr.Plot has no select event of its own; Plotly's graph div has plotly_click.
 PARETO_JS = """<script>
 setInterval(() => {
@@ -38,7 +38,7 @@ setInterval(() => {
     const point = (event.points || []).find(p => p.customdata !== undefined);
     const box = document.querySelector('#pareto-picked textarea, #pareto-picked input');
     if (!point || !box) return;
-    box.value = point.customdata;
+    box.value = point.customdata + '\t' + Date.now();  // a new value each click: a change event
     box.dispatchEvent(new Event('input', {bubbles: true}));
   });
 }, 500);

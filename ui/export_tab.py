@@ -188,8 +188,10 @@ def score_rest(state: dict | None, request: gr.Request, progress=gr.Progress()) 
     return f"Scored {len(todo)} model(s); refresh the Pareto view."
 
 
-def pick_for_compare(ref: str, state: dict | None):
-    """A clicked Pareto point becomes Compare's first compressed model."""
+def pick_for_compare(picked: str, state: dict | None):
+    """A clicked Pareto point becomes Compare's first compressed model (picked: its reference,
+    then a tab and the click's time, which makes every click a change)."""
+    ref = (picked or "").split("\t")[0]
     if not ref:
         return gr.skip(), gr.skip()
     from ui.common import model_choices
@@ -294,7 +296,7 @@ def build(ctx: Ctx) -> None:
     pareto_btn.click(pareto_plot, [nonzero, ctx.state], [pareto_fig, pareto_note], api_name="runs_pareto")
     nonzero.change(pareto_plot, [nonzero, ctx.state], [pareto_fig, pareto_note], api_visibility="private")
     score_btn.click(score_rest, ctx.state, pareto_note, api_name="score_rest", **HEAVY)
-    picked.input(pick_for_compare, [picked, ctx.state], [ctx.components["compare_slot"], pareto_note],
+    picked.change(pick_for_compare, [picked, ctx.state], [ctx.components["compare_slot"], pareto_note],
                  api_name="pareto_pick")
     lineage_btn.click(lineage, ctx.state, lineage_md, api_name="runs_lineage")
     curves_btn.click(loss_curves, curve_ids, curves_fig, api_name="runs_loss_curves")

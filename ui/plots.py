@@ -232,8 +232,11 @@ def pareto(points: Sequence[tuple[float, float]], labels: Sequence[str], front: 
     fig = go.Figure(go.Scatter(x=[p[0] for p in points], y=[p[1] for p in points], mode="markers",
                                text=list(labels), name="models", customdata=list(refs or labels),
                                marker={"size": 10}, hovertemplate=hover))
+    refs = list(refs or labels)
+    # The frontier passes through its points: a click there must name the model too.
     fig.add_trace(go.Scatter(x=[points[i][0] for i in front], y=[points[i][1] for i in front],
-                             mode="lines", line={"shape": "hv"}, name="frontier"))
+                             mode="lines", line={"shape": "hv"}, name="frontier",
+                             customdata=[refs[i] for i in front], hoverinfo="skip"))
     fig.update_xaxes(title=x_title)
     # One degenerate model (perplexity 150k) must not flatten the rest: the axis stops at ten
     # times the median and points beyond it sit on the top edge, their value in the hover text.
