@@ -41,7 +41,7 @@ def base_shape():
 def flow(client):
     """Load, importance and prune once; later tests reuse what this session made."""
     card, info = client.predict("default", api_name="/load")
-    plots = client.predict("builtin", 4, 64, "l2", "mean", False, api_name="/importance")
+    plots = client.predict("default", "builtin", 4, 64, "l2", "mean", False, api_name="/importance")
     pruned, message = client.predict(24, 384, 1024, 6, "bi", api_name="/prune")
     return {"card": card, "info": info, "importance": plots, "pruned": pruned, "prune_message": message}
 
@@ -217,7 +217,7 @@ def test_bad_inputs_are_errors_and_the_server_keeps_serving(client, flow):
     with pytest.raises(AppError, match="prompt is empty"):
         client.predict("default", None, None, None, "", 8, 0, 1, 0, False, False, api_name="/compare")
     with pytest.raises(AppError, match="unknown data source"):
-        client.predict("nowhere", 4, 64, "l2", "mean", False, api_name="/importance")
+        client.predict(None, "nowhere", 4, 64, "l2", "mean", False, api_name="/importance")
     with pytest.raises(AppError, match="pattern"):
         client.predict("default", "magnitude", "3:2", "builtin", 4, 64, 512, 4, 1e-4, 0, 10, 0.0, False,
                        api_name="/sparsify")
@@ -231,7 +231,7 @@ def test_bad_inputs_are_errors_and_the_server_keeps_serving(client, flow):
 
 
 def test_cancel_stops_a_running_job(client):
-    job = client.submit("builtin", 64, 256, "l2", "mean", True, api_name="/importance")
+    job = client.submit(None, "builtin", 64, 256, "l2", "mean", True, api_name="/importance")
     for _ in range(600):
         reply = client.predict(api_name="/cancel")
         if reply.startswith("Stopping"):
@@ -245,3 +245,19 @@ def test_cancel_stops_a_running_job(client):
     with pytest.raises(AppError, match="cancelled"):
         job.result(timeout=300)
     assert client.predict(api_name="/cancel") == "No job is running."
+
+
+def test_importance_and_prune_take_the_picked_model(client, flow):
+    """Importance names its model (here the pruned one, not the loaded default); Prune then
+    works on that model, and its canonical score before is the one made when it was pruned."""
+    pruned = flow["pruned"]
+    *figures, summary, status = client.predict(pruned["out"], "builtin", 2, 32, "l2", "mean", False,
+                                               api_name="/importance")
+    assert summary["heads"] == [24, 6] and summary["neurons"] == [24, 1024]
+    result, message = client.predict(20, 384, 1024, 6, "bi", api_name="/prune")
+    assert result["model"] == pruned["out"] and result["shape"]["layers"] == 20
+    assert result["canonical"]["ppl_before"] == pruned["canonical"]["ppl_after"]
+    assert result["canonical"]["before"]["cached"] is True
+    tree = client.predict(api_name="/runs_lineage")
+    line = next(x for x in tree.splitlines() if x.endswith(Path(result["out"]).name))
+    assert line.startswith("        └─ ")  # under the pruned model's run, itself under the root

@@ -95,7 +95,7 @@ def server(tmp_path_factory, tiny_checkpoint):
 
 
 def importance_args(src: str) -> tuple:
-    return (src, 2, 32, "l2", "mean", False)
+    return (None, src, 2, 32, "l2", "mean", False)
 
 
 # (case, api, args built from the bad files, message the visitor reads)
@@ -118,7 +118,7 @@ APP_CASES = [
     ("data path escaping with ..", "/importance",
      lambda f: importance_args(str(f["good.txt"].parent / ".." / ".." / ".." / "x.txt")),
      "outside the folders"),
-    ("negative samples", "/importance", lambda f: ("builtin", -4, 32, "l2", "mean", False),
+    ("negative samples", "/importance", lambda f: (None, "builtin", -4, 32, "l2", "mean", False),
      "less than minimum value 1"),
     ("layers 0", "/prune", lambda f: (0, 576, 1536, 9, "bi"), "less than minimum value 1"),
     ("ffn larger than the model's", "/prune", lambda f: (30, 576, 4096, 9, "bi"), "ffn|1536"),

@@ -9,7 +9,17 @@ from compact.jobs import command_line
 from compact.options import default
 from ui import jobs, plots
 from ui import state as st
-from ui.common import DATA_CHOICES, HEAVY, Ctx, current, gpu, job_buttons, take_upload, upload_box
+from ui.common import (
+    DATA_CHOICES,
+    HEAVY,
+    Ctx,
+    follow_models,
+    gpu,
+    job_buttons,
+    model_choices,
+    take_upload,
+    upload_box,
+)
 
 # Smaller than the command line's defaults so that a click answers quickly on a CPU.
 DEFAULT_SAMPLES = 32
@@ -46,25 +56,27 @@ def summary(scores: importance.Scores) -> dict:
 
 @gpu
 @jobs.user_errors
-def run(src: str, samples: int, seq_len: int, batch_agg: str, seq_agg: str, depth_ppl: bool,
-        state: dict | None, request: gr.Request, progress=gr.Progress()):
+def run(model: str | None, src: str, samples: int, seq_len: int, batch_agg: str, seq_agg: str,
+        depth_ppl: bool, state: dict | None, request: gr.Request, progress=gr.Progress()):
     state = st.session(state)
     sid = jobs.session_id(request)
     samples, seq_len = int(samples), int(seq_len)
     if samples < 1 or seq_len < 2:
         raise gr.Error("samples must be at least 1 and the sequence length at least 2")
-    loaded = current(state)
+    ref = st.check_ref(model or state["ref"])
+    loaded = st.CACHE.get(ref)
     out = st.next_output(sid, "importance").with_suffix(".safetensors")
-    cfg = importance.ImportanceConfig(model=state["ref"], data=st.check_data(src), samples=samples,
+    cfg = importance.ImportanceConfig(model=ref, data=st.check_data(src), samples=samples,
                                       seq_len=seq_len, batch_agg=batch_agg, seq_agg=seq_agg,
                                       depth_ppl=bool(depth_ppl), out=str(out))
     jobs.run_to_end(lambda job: importance.run(cfg, job.progress, job.should_stop, loaded=loaded),
-                    sid, "importance", progress, base_model=state["ref"], inputs=vars(cfg), artifact=str(out),
+                    sid, "importance", progress, base_model=ref, inputs=vars(cfg), artifact=str(out),
                     config=cfg)
     scores = importance.Scores.load(out)
     cmd = command_line(cfg)
-    state.update(scores=scores, scores_path=str(out), scores_ref=state["ref"], scores_command=cmd)
-    st.add_output(state, st.Output("importance", str(out), cmd, state["ref"], summary(scores)))
+    # Prune works on the model these scores are of (ui.prune_tab.source)
+    state.update(scores=scores, scores_path=str(out), scores_ref=ref, scores_command=cmd)
+    st.add_output(state, st.Output("importance", str(out), cmd, ref, summary(scores)))
     return (*figures(scores), summary(scores), f"Scores saved to `{out}`", state)
 
 
@@ -73,6 +85,8 @@ def build(ctx: Ctx) -> None:
         gr.Markdown("Minitron importance from forward passes on calibration text: per head, MLP "
                     "neuron, embedding channel and layer. Needs no gradients.")
         with gr.Row():
+            model = gr.Dropdown(model_choices(None, roots=True), value=None, allow_custom_value=True,
+                                label="Model (empty: the Model tab's)", elem_id="imp-model")
             src = gr.Dropdown(DATA_CHOICES, value="builtin", allow_custom_value=True,
                               label="Data (builtin, teacher, .txt/.jsonl path, hf:NAME)")
             samples = gr.Number(value=DEFAULT_SAMPLES, precision=0, minimum=1, label="Samples",
@@ -96,7 +110,8 @@ def build(ctx: Ctx) -> None:
                           elem_id="imp-neurons")
         channels = gr.Plot(plots.empty("Run importance to see scores"), label="Embedding channels")
         result = gr.JSON(label="Scores", visible=False)
-    go.click(run, [src, samples, seq_len, batch_agg, seq_agg, depth_ppl, ctx.state],
+    follow_models(ctx, model)
+    go.click(run, [model, src, samples, seq_len, batch_agg, seq_agg, depth_ppl, ctx.state],
              [heads, neurons, channels, layers, result, status, ctx.state], api_name="importance", **HEAVY)
     stop.click(jobs.cancel, None, status, queue=False, api_name="cancel")
     upload.upload(take_upload, upload, src, api_name="upload_importance_data")

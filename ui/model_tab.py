@@ -37,8 +37,6 @@ def load(ref: str, state: dict | None, progress=gr.Progress()):
     roots = state.setdefault("roots", [models.DEFAULT_REF])
     if state["ref"] not in roots:
         roots.append(state["ref"])  # a new root of the workspace, offered as teacher / original
-    if state.get("scores") is not None and state.get("scores_ref") != state["ref"]:
-        state.update(scores=None, scores_path=None, scores_command=None)  # scores of another model
     info = loaded.info()
     return card(info), info, state
 

@@ -6,6 +6,8 @@ change at once; the heatmaps come from compact.prune.plan, also model-free.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import gradio as gr
 
 from compact import prune, shapes
@@ -14,7 +16,7 @@ from compact.jobs import command_line
 from compact.shapes import Shape
 from ui import importance_tab, jobs
 from ui import state as st
-from ui.common import HEAVY, Ctx, current, eval_note, gib, gpu, human, job_buttons, scored
+from ui.common import HEAVY, Ctx, eval_note, gib, gpu, human, job_buttons, scored
 
 
 def targets(base: Shape, layers, hidden, ffn, heads) -> dict:
@@ -40,6 +42,13 @@ def readout(base: Shape | None, layers, hidden, ffn, heads, context: int = 1024)
         f"| shape (L, H, F, heads) | {base.layers}, {base.hidden}, {base.ffn}, {base.heads} | "
         f"{target.layers}, {target.hidden}, {target.ffn}, {target.heads} | |"
     )
+
+
+def source(state: dict | None) -> str:
+    """The model Prune works on: the one the last importance run scored (its scores decide what
+    is cut), else the one the Model tab loaded."""
+    state = st.session(state)
+    return state.get("scores_ref") or state["ref"]
 
 
 def heatmaps(state: dict | None, base: Shape | None, layers, hidden, ffn, heads, depth_metric: str):
@@ -71,11 +80,14 @@ def refresh(state: dict | None, shown: Shape | None = None, layers=None, hidden=
             heads=None, depth_metric: str = "bi"):
     """Controls follow the session's model (loaded on first use) and are kept while it stays the
     same; the heatmaps are redrawn, since the scores may be new."""
-    base = current(state).shape
+    ref = source(state)
+    base = st.CACHE.get(ref).shape
+    which = (f"Pruning **{Path(ref).name}**"
+             + (" (the model of the last importance run)" if ref != st.session(state)["ref"] else ""))
     if shown == base:
-        return [gr.skip()] * 6 + list(heatmaps(state, base, layers, hidden, ffn, heads, depth_metric))
+        return [*[gr.skip()] * 6, *heatmaps(state, base, layers, hidden, ffn, heads, depth_metric), which]
     return [base, *sliders_for(base), readout(base, None, None, None, None),
-            *heatmaps(state, base, None, None, None, None, depth_metric)]
+            *heatmaps(state, base, None, None, None, None, depth_metric), which]
 
 
 @jobs.user_errors
@@ -83,7 +95,7 @@ def find_shapes(base: Shape | None, target_m: float, tolerance: float, state: di
     from compact import search
 
     if base is None:
-        base = current(state).shape
+        base = st.CACHE.get(source(state)).shape
     if not target_m or target_m <= 0:
         raise gr.Error("give a parameter budget in millions")
     found = search.candidates(base, int(target_m * 1e6), tolerance=float(tolerance))
@@ -108,14 +120,15 @@ def run_prune(base: Shape | None, layers, hidden, ffn, heads, depth_metric: str,
               request: gr.Request, progress=gr.Progress()):
     state = st.session(state)
     sid = jobs.session_id(request)
-    loaded = current(state)
+    ref = source(state)
+    loaded = st.CACHE.get(ref)
     tg = targets(loaded.shape, layers, hidden, ffn, heads)
     if not tg:
         raise gr.Error("the target is the model's own shape: lower at least one control")
     scores = state.get("scores")
     params = loaded.shape.with_targets(**tg).params
     out = st.next_output(sid, "pruned", st.checkpoint_bytes(loaded, params))
-    cfg = prune.PruneConfig(model=state["ref"], out=str(out), **tg, depth_metric=depth_metric,
+    cfg = prune.PruneConfig(model=ref, out=str(out), **tg, depth_metric=depth_metric,
                             importance=state.get("scores_path"), score=True)
     prune.plan(scores, loaded.shape, depth_metric=depth_metric, family=loaded.arch.family, **tg)  # fail fast
 
@@ -127,12 +140,12 @@ def run_prune(base: Shape | None, layers, hidden, ffn, heads, depth_metric: str,
             job.record.metrics = {"ppl": canonical["ppl_after"], "setting": canonical["setting"]}
         return result
 
-    result = jobs.run_to_end(work, sid, "prune", progress, base_model=state["ref"], inputs=vars(cfg),
+    result = jobs.run_to_end(work, sid, "prune", progress, base_model=ref, inputs=vars(cfg),
                              artifact=str(out), config=cfg)
     cmd = command_line(cfg)
     if state.get("scores_command"):
         cmd = state["scores_command"] + "\n" + cmd
-    st.add_output(state, st.Output("pruned", str(out), cmd, state["ref"], result))
+    st.add_output(state, st.Output("pruned", str(out), cmd, ref, result))
     kept = result["params"] / result["source_params"]
     msg = (f"Pruned to {human(result['params'])} parameters ({kept:.1%}); {scored(result['canonical'])}. "
            f"Saved to `{out}`.")
@@ -142,6 +155,7 @@ def run_prune(base: Shape | None, layers, hidden, ffn, heads, depth_metric: str,
 def build(ctx: Ctx) -> None:
     with gr.Tab("Prune", id="prune") as tab:
         base = gr.State(None)
+        which = gr.Markdown(elem_id="prune-source")
         gr.Markdown("Pick a target shape. Heads stay a multiple of the KV heads (KV groups are kept). "
                     "The heatmaps grey out what the target drops; run Importance first.")
         with gr.Row():
@@ -177,7 +191,7 @@ def build(ctx: Ctx) -> None:
 
     controls = [layers, hidden, ffn, heads]
     figs = [p_heads, p_neurons, p_channels, p_layers]
-    refresh_outputs = [base, *controls, size, *figs]
+    refresh_outputs = [base, *controls, size, *figs, which]
     refresh_inputs = [ctx.state, base, *controls, depth_metric]
     # Not on the heavy queue: a cached model makes this instant, even while a job runs.
     tab.select(refresh, refresh_inputs, refresh_outputs, api_name="prune_refresh")
