@@ -260,4 +260,4 @@ def test_importance_and_prune_take_the_picked_model(client, flow):
     assert result["canonical"]["before"]["cached"] is True
     tree = client.predict(api_name="/runs_lineage")
     line = next(x for x in tree.splitlines() if x.endswith(Path(result["out"]).name))
-    assert line.startswith("        └─ ")  # under the pruned model's run, itself under the root
+    assert line.startswith("    └─ ") and line.index("└") == 4  # one level under the pruned model's run
