@@ -182,7 +182,7 @@ def test_pareto_and_loss_curves_of_this_sessions_runs(client, flow):
     # the lineage: the root with its score, the pruned model under it with its own
     tree = client.predict(api_name="/runs_lineage")
     assert f"default (root) · ppl {pruned['canonical']['ppl_before']:.2f}" in tree
-    assert f"ppl {pruned['canonical']['ppl_after']:.2f} → {Path(pruned['out']).name}" in tree
+    assert f"ppl {pruned['canonical']['ppl_after']:.2f} · → {Path(pruned['out']).name}" in tree
     curves = json.loads(client.predict("", api_name="/runs_loss_curves")["plot"])
     assert any(t.get("name", "").endswith("distill") and len(t["x"]) >= 1 for t in curves["data"])
     with pytest.raises(Exception, match="whole numbers"):
