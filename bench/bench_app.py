@@ -53,8 +53,8 @@ def main() -> None:
             runs = []
             for _ in range(2):
                 t = time.perf_counter()
-                client.predict(None, "builtin", importance_tab.DEFAULT_SAMPLES, importance_tab.DEFAULT_SEQ_LEN,
-                               "l2", "mean", False, api_name="/importance")
+                client.predict(None, "builtin", importance_tab.DEFAULT_SAMPLES,
+                               importance_tab.DEFAULT_SEQ_LEN, "l2", "mean", False, api_name="/importance")
                 runs.append(time.perf_counter() - t)
         finally:
             ctx.__exit__(None, None, None)

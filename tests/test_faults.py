@@ -32,7 +32,8 @@ def test_out_of_memory_then_restart_keeps_every_run(tmp_path):
     with serve(tmp_path) as url:
         client = Client(url, verbose=False)
         client.predict("default", api_name="/load")
-        *_, summary, status = client.predict(None, "builtin", 2, 32, "l2", "mean", False, api_name="/importance")
+        *_, summary, status = client.predict(None, "builtin", 2, 32, "l2", "mean", False,
+                                             api_name="/importance")
         scores = Path(status.split("`")[1])
         before = digest(scores)
         with pytest.raises(AppError, match="out of memory in distill .*lower the batch") as err:
