@@ -7,6 +7,7 @@ works on any supported family. Adding a family is one small subclass registered 
 from __future__ import annotations
 
 import copy
+import threading
 
 import torch
 from torch import nn
@@ -14,6 +15,17 @@ from transformers.pytorch_utils import Conv1D
 
 from compact.errors import UserError
 from compact.shapes import Shape
+
+
+def own_thread(hook):
+    """hook, acting only in the thread that made it: the app's threads share one cached model, and
+    a generate running beside an importance run must neither be counted nor have layers skipped."""
+    owner = threading.get_ident()
+
+    def guarded(*args, **kwargs):
+        return hook(*args, **kwargs) if threading.get_ident() == owner else None
+
+    return guarded
 
 
 def weight_oi(module: nn.Module) -> torch.Tensor:

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from compact import data, losses, models, scoreboard, train
+from compact.arch import own_thread
 from compact.errors import Cancelled, UserError
 from compact.options import LoadOptions, option, options
 from compact.scoreboard import ScoreOptions
@@ -61,8 +62,8 @@ def capture_norms(model, arch, blocks: list[int]):
     all_blocks = arch.blocks(model)
     for i in blocks:
         norm = arch.block_norms(all_blocks[i])[0]
-        handles.append(norm.register_forward_hook(
-            lambda _m, _a, out, i=i: found.__setitem__(i, out[0] if isinstance(out, tuple) else out)))
+        handles.append(norm.register_forward_hook(own_thread(
+            lambda _m, _a, out, i=i: found.__setitem__(i, out[0] if isinstance(out, tuple) else out))))
     try:
         yield found
     finally:

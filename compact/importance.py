@@ -26,6 +26,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from compact import arch as arch_mod
+from compact.arch import own_thread
 from compact.errors import Cancelled, UserError
 from compact.options import LoadOptions, option
 
@@ -223,12 +224,12 @@ def estimate(model, blocks: torch.Tensor, batch_agg: str = "l2", seq_agg: str = 
     handles = []
     try:
         for i, block in enumerate(layers):
-            handles.append(arch.attn_out(block).register_forward_pre_hook(on_heads(heads[i])))
-            handles.append(arch.mlp_out(block).register_forward_pre_hook(on_input(neurons[i])))
+            handles.append(arch.attn_out(block).register_forward_pre_hook(own_thread(on_heads(heads[i]))))
+            handles.append(arch.mlp_out(block).register_forward_pre_hook(own_thread(on_input(neurons[i]))))
             for norm, stat in zip(arch.block_norms(block), norm_stats[i], strict=True):
-                handles.append(norm.register_forward_hook(on_output(stat)))
-            handles.append(block.register_forward_hook(on_block(i), with_kwargs=True))
-        handles.append(arch.final_norm(model).register_forward_hook(on_output(final_stat)))
+                handles.append(norm.register_forward_hook(own_thread(on_output(stat))))
+            handles.append(block.register_forward_hook(own_thread(on_block(i)), with_kwargs=True))
+        handles.append(arch.final_norm(model).register_forward_hook(own_thread(on_output(final_stat))))
 
         passes = 1 + (len(layers) if depth_ppl else 0)
         n_batches = math.ceil(len(blocks) / batch_size)
@@ -284,7 +285,7 @@ def layer_loss_increase(model, blocks: torch.Tensor, batch_size: int = 8,
             raise Cancelled("importance estimation cancelled")
         # Skipping = returning the block's input as its output, so every other layer keeps
         # its index (layer_types, KV cache slots) exactly as in the full model.
-        handle = block.register_forward_hook(_skip_block, with_kwargs=True)
+        handle = block.register_forward_hook(own_thread(_skip_block), with_kwargs=True)
         try:
             out[i] = loss_on(model, blocks, batch_size) - base
         finally:

@@ -37,8 +37,10 @@ class Settings:
     host: str | None = None
     port: int | None = None
     data_dir: Path = Path("data")
-    queue_size: int = 16  # pending requests beyond this are refused with a clear message
-    gpu_concurrency: int = 1  # interactive model-running events (load, generate, prune...) at once
+    # Pending requests beyond this are refused with a clear message; 16 refused the 19th of 20 users
+    # (bench/load_test.py), each of whom may have one heavy request waiting.
+    queue_size: int = 64
+    gpu_concurrency: int = 1  # events at once in each interactive pool: quick (load, generate), heavy
     workers: int = 1  # long jobs (distill, sparsify, experiments) in worker processes at once; 0: in-process
     worker_nice: int = 10  # added to the workers' niceness, so interactive calls get the CPU first
     max_upload_mb: int = 200
@@ -92,7 +94,7 @@ def load() -> Settings:
         host=os.environ.get("COMPACT_HOST") or None,
         port=_int("COMPACT_PORT", None),
         data_dir=data_dir,
-        queue_size=_int("COMPACT_QUEUE_SIZE", 16),
+        queue_size=_int("COMPACT_QUEUE_SIZE", 64),
         gpu_concurrency=_int("COMPACT_GPU_CONCURRENCY", 1),
         workers=workers if workers >= 0 else default_workers(),
         worker_nice=_int("COMPACT_WORKER_NICE", 10),

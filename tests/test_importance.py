@@ -1,6 +1,7 @@
 """Minitron importance: planted dead parts score lowest, aggregation math, the scores file."""
 
 import json
+import threading
 
 import pytest
 import torch
@@ -31,6 +32,31 @@ def test_planted_dead_parts_score_lowest(family, make_model, tokenizer):
     assert scores.layers_ppl[3].abs() < 1e-6
     assert scores.heads.min() >= 0 and (scores.heads > 0).sum() == scores.heads.numel() - 1
     assert scores.meta["family"] == family and scores.meta["batch_agg"] == "l2"
+
+
+def test_other_threads_running_the_model_are_not_counted(make_model, tokenizer):
+    """The app's generate runs the same cached model in another thread while importance runs
+    (ui/common.QUICK): its forward passes are not counted, and it sees the model unchanged."""
+    model = make_model("llama")
+    blocks = calib(len(tokenizer))
+    alone = importance.estimate(model, blocks, batch_size=4)
+    probe = blocks[:1, :7]
+    with torch.no_grad():
+        expected = model(input_ids=probe).logits
+    seen = []
+
+    def forward_beside(fraction, message):  # called between batches, the hooks in place
+        def forward():
+            with torch.no_grad():
+                seen.append(model(input_ids=probe).logits)
+        thread = threading.Thread(target=forward)
+        thread.start()
+        thread.join()
+
+    shared = importance.estimate(model, blocks, batch_size=4, progress=forward_beside)
+    assert len(seen) == 2 and all(torch.allclose(s, expected) for s in seen)
+    for name in ("heads", "neurons", "channels", "channels_per_layer", "layers_bi"):
+        assert torch.allclose(getattr(shared, name), getattr(alone, name)), name
 
 
 def test_neuron_scores_match_the_reference_formula(make_model, tokenizer):

@@ -11,9 +11,15 @@ import gradio as gr
 from compact import models, scoreboard
 from ui import state as st
 
-# Interactive events that run a model in the server share one queue slot pool: one concurrency
-# id with a limit, so a GPU is never asked to hold two of their activations at once.
+# Interactive events that run a model over many tokens in the server (importance, prune, compare)
+# share one queue slot pool: one concurrency id with a limit, so a GPU is never asked to hold two
+# of their activations at once.
 HEAVY = dict(concurrency_id="gpu", concurrency_limit=st.SETTINGS.gpu_concurrency)
+# Quick ones (load, generate) have their own pool of the same size: a generate answers in seconds
+# and must not wait behind other sessions' importance and prune runs (each up to minutes on a CPU).
+# One prompt's activations are small beside a calibration batch, and importance's hooks act only in
+# their own thread (compact.arch.own_thread), so both may run on the same cached model at once.
+QUICK = dict(concurrency_id="quick", concurrency_limit=st.SETTINGS.gpu_concurrency)
 # Long jobs run in worker processes (ui/lanes.py), as many at once as there are workers, in
 # their own group: an interactive event never waits behind one. Without workers they run in the
 # server and share the interactive events' group, as every model-running event used to.

@@ -9,7 +9,7 @@ import gradio as gr
 
 from compact import evaluate, models
 from ui import state as st
-from ui.common import HEAVY, Ctx, gib, gpu, human
+from ui.common import QUICK, Ctx, gib, gpu, human
 from ui.jobs import user_errors
 
 
@@ -123,9 +123,9 @@ def build(ctx: Ctx) -> None:
                 chat = gr.Checkbox(value=False, label="Chat template")
             text = gr.Textbox(label="Generation", lines=4)
             speed = gr.Markdown()
-    event = load_btn.click(load, [ref, ctx.state], [info_md, info, ctx.state], api_name="load", **HEAVY)
+    event = load_btn.click(load, [ref, ctx.state], [info_md, info, ctx.state], api_name="load", **QUICK)
     submitted = ref.submit(load, [ref, ctx.state], [info_md, info, ctx.state], api_visibility="private",
-                           **HEAVY)
+                           **QUICK)
     ctx.model_events += [event, submitted]
     gen_btn.click(stream_generate, [ref, prompt, max_new, temperature, seed, chat], [text, speed],
-                  api_name="generate", **HEAVY)
+                  api_name="generate", **QUICK)
