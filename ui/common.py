@@ -134,6 +134,9 @@ def model_choices(state: dict | None, roots: bool = False) -> list[tuple[str, st
     found: list[tuple[str, str]] = []
     if roots:
         found += [(f"{ref} · loaded", ref) for ref in state.get("roots", [state["ref"]])]
+    from compact.runs import RunStore
+
+    store = RunStore()  # one connection's worth of set-up for all the scores below
     for out in st.outputs(state, ("pruned", "sparse", "distilled")):
         shape, params = out.summary.get("shape"), out.summary.get("params")
         parts = [Path(out.path).name, out.kind]
@@ -141,7 +144,7 @@ def model_choices(state: dict | None, roots: bool = False) -> list[tuple[str, st
             parts.append(f"{shape['layers']}L")
         if isinstance(params, int):
             parts.append(human(params))
-        score = scoreboard.cached(out.path)
+        score = scoreboard.cached(out.path, store=store)
         if score:
             parts.append(f"ppl {score['ppl']:.2f}")
         found.append((" · ".join(parts), out.path))

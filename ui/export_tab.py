@@ -138,13 +138,14 @@ def workspace_models(state: dict | None, request: gr.Request) -> list[dict]:
     """Every model of the workspace: the loaded roots, then each finished run's artifact still on
     disk, with its size and its canonical score (None: not scored yet)."""
     from compact import scoreboard
+    from compact.runs import RunStore
 
-    state = st.session(state)
+    state, store = st.session(state), RunStore()
     found = []
     for ref in state.get("roots", [state["ref"]]):
         params = st.CACHE.get(ref).shape.params
         found.append({"ref": ref, "label": f"{Path(ref).name} (loaded)", "params": params,
-                      "nonzero_params": params, "run": None, "score": scoreboard.cached(ref)})
+                      "nonzero_params": params, "run": None, "score": scoreboard.cached(ref, store=store)})
     for r in _visible_runs(request):
         artifact = r.get("artifact")
         if r["status"] != "succeeded" or not artifact or not isinstance(r.get("params"), int) \
@@ -152,7 +153,7 @@ def workspace_models(state: dict | None, request: gr.Request) -> list[dict]:
             continue  # a scores file, a failed run, or a folder cleaned since
         found.append({"ref": artifact, "label": f"#{r['id']} {r['kind']} · {Path(artifact).name}",
                       "params": r["params"], "nonzero_params": r.get("nonzero_params") or r["params"],
-                      "run": r["id"], "score": scoreboard.cached(artifact)})
+                      "run": r["id"], "score": scoreboard.cached(artifact, store=store)})
     return found
 
 
