@@ -1,9 +1,10 @@
 """Do repeated speed measurements of one model agree? (issue: Compare's tokens/s varied 2x)
 
     .venv/bin/python -m bench.bench_speed [--model default] [--clicks 5] [--device cpu]
+        [--prompt-tokens 64] [--decode-tokens 16] [--budget-s 3]
 
-Calls compact.evaluate.speed, as the Compare tab does on every click, `--clicks` times in a row
-on the loaded model and reports each click's prefill and decode tokens/s and the spread
+Calls compact.evaluate.speed with the Compare tab's sizes, as it does on every click, `--clicks`
+times in a row on the loaded model and reports each click's prefill and decode tokens/s and the spread
 (max / min - 1) of each; the goal is within 10% on an idle machine. The load average is
 recorded beside it, because on a shared machine other processes' work shows up here.
 Writes bench/results/speed.json.
@@ -24,12 +25,15 @@ def main() -> None:
     parser.add_argument("--model", default="default")
     parser.add_argument("--clicks", type=int, default=5)
     parser.add_argument("--device", default=None)
+    parser.add_argument("--prompt-tokens", type=int, default=64)
+    parser.add_argument("--decode-tokens", type=int, default=16)
+    parser.add_argument("--budget-s", type=float, default=3.0)
     parser.add_argument("--out", default="bench/results/speed.json")
     args = parser.parse_args()
     loaded = models.load(args.model, device=args.device)
     clicks = []
     for _ in range(args.clicks):
-        clicks.append(evaluate.speed(loaded.model))
+        clicks.append(evaluate.speed(loaded.model, args.prompt_tokens, args.decode_tokens, args.budget_s))
         print(clicks[-1], flush=True)
 
     def spread(key: str) -> float:
