@@ -101,6 +101,16 @@ def test_generate_and_compare_both_models(client, flow):
     assert rows[0]["ppl"] == flow["pruned"]["canonical"]["ppl_before"]
     assert rows[1]["ppl"] == flow["pruned"]["canonical"]["ppl_after"]
     assert rows[0]["ppl_setting"] == flow["pruned"]["canonical"]["setting"]
+    # where the pruned model parts from the original: one shaded piece per token of the original's text
+    parts, parted = result[10], rows[1]["divergence"]
+    assert [p["token"] for p in parts] and len(parts) == 8 == len(parted["kl"])
+    assert all(0 <= p["class_or_confidence"] < 1 for p in parts) and not result[11] and not result[12]
+    assert table["data"][1][-1] == ("none" if parted["first_difference"] is None
+                                    else f"token {parted['first_difference'] + 1}")
+    # greedy: the pruned model's own text is the original's up to its first difference
+    first = parted["first_difference"]
+    agreed = "".join(p["token"] for p in parts[:first])
+    assert texts[1] == texts[0] if first is None else texts[1].startswith(agreed) and texts[1] != texts[0]
 
 
 def test_sparsify_magnitude_is_exactly_two_four(client, flow):

@@ -2,7 +2,8 @@
 
 Every model gets the same prompt, decoding settings and seed. Models run one after another
 (each streams into its own column) so that each speed is measured alone rather than
-with the other models competing for the same device.
+with the other models competing for the same device. Then each compressed model reads the
+original's text, and its per-token divergence shows where it parts from the original.
 """
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ from pathlib import Path
 
 import gradio as gr
 
-from compact import evaluate, scoreboard
+from compact import divergence, evaluate, scoreboard
+from compact.errors import UserError
 from ui import jobs, model_tab
 from ui import state as st
 from ui.common import HEAVY, Ctx, eval_note, gpu, human, job_buttons, model_choices
@@ -35,6 +37,7 @@ def compare(original: str, slot1: str, slot2: str, slot3: str, prompt: str, max_
             temperature: float, top_p: float, seed: int, chat: bool, with_ppl: bool):
     refs = [original or "default", slot1, slot2, slot3]
     texts, speeds, rows = [""] * SLOTS, [""] * SLOTS, []
+    parts: list = [None] * (SLOTS - 1)
     results: list[dict] = []
     for i, ref in enumerate(refs):
         if not ref or not str(ref).strip():
@@ -45,25 +48,54 @@ def compare(original: str, slot1: str, slot2: str, slot3: str, prompt: str, max_
         for text, speed in model_tab.stream(loaded, prompt, int(max_new_tokens), float(temperature),
                                             float(top_p), int(seed), bool(chat)):
             texts[i], final = text, speed  # the last item carries the whole run's speed
-            yield *texts, *speeds, gr.skip(), gr.skip()
+            yield *texts, *speeds, gr.skip(), gr.skip(), *parts
         speeds[i] = f"**{short(ref)}**: {final['new_tokens']} tokens; measuring speed…"
-        yield *texts, *speeds, gr.skip(), gr.skip()
+        yield *texts, *speeds, gr.skip(), gr.skip(), *parts
         # The generation's own tokens/s is not comparable across clicks: measure apart.
         measured = evaluate.speed(loaded.model, prompt_tokens=64, decode_tokens=16)
         speeds[i] = (f"**{short(ref)}**: {final['new_tokens']} tokens; prefill "
                      f"{measured['prefill_tokens_per_s']:,.0f} tokens/s, decode "
                      f"{measured['decode_tokens_per_s']:.1f} tokens/s")
+        ids, start = final.pop("ids"), final.pop("start")
         results.append({"slot": i, "model": ref, "text": texts[i], "params": _params(loaded.model),
                         **final, "speed": measured})
-        yield *texts, *speeds, gr.skip(), gr.skip()
+        if len(results) == 1:
+            original_run = loaded, ids, start  # every other model reads the original's text
+        elif original_run[2] < len(original_run[1]):
+            parts[i - 1] = _parts(original_run, loaded, results[-1])
+        yield *texts, *speeds, gr.skip(), gr.skip(), *parts
+    greedy = not temperature
     for r in results:
         if with_ppl:  # the workspace's canonical score: cached for models a job already scored
             score = scoreboard.score(r["model"], st.CACHE.get(r["model"]))
             r["ppl"], r["ppl_setting"] = score["ppl"], score["setting"]
-        rows.append([short(r["model"]), human(r["params"]), round(r["params"] / results[0]["params"], 3),
-                     round(r["ppl"], 3) if "ppl" in r else None,
-                     round(r["speed"]["prefill_tokens_per_s"]), round(r["speed"]["decode_tokens_per_s"], 1)])
-    yield *texts, *speeds, rows, {"models": results}
+        parted = r.get("divergence")
+        rows.append([short(r["model"]), human(r["params"]), f"{r['params'] / results[0]['params']:.1%}",
+                     round(r["ppl"], 2) if "ppl" in r else None,
+                     round(r["speed"]["prefill_tokens_per_s"]), round(r["speed"]["decode_tokens_per_s"], 1),
+                     round(parted["mean_kl"], 3) if parted else None,
+                     f"{parted['top1_agreement']:.0%}" if parted else None,
+                     _first_difference(parted, greedy)])
+    yield *texts, *speeds, rows, {"models": results}, *parts
+
+
+def _parts(original_run, loaded, result: dict) -> list[tuple[str, float | None]]:
+    """The original's continuation, one piece per token, each with its KL shade in [0, 1)."""
+    original, ids, start = original_run
+    try:
+        result["divergence"] = parted = divergence.divergence(original.model, loaded.model, ids, start)
+    except UserError as e:  # another vocabulary: say so in place of the shading
+        return [(str(e), None)]
+    tokens = [original.tokenizer.decode([t]) for t in ids[start:]]
+    return [(t, round(divergence.shade(kl), 3)) for t, kl in zip(tokens, parted["kl"], strict=True)]
+
+
+def _first_difference(parted: dict | None, greedy: bool) -> str | None:
+    """Where this model's greedy output first differs; only meaningful when both decode greedily."""
+    if not parted or not greedy:
+        return None
+    at = parted["first_difference"]
+    return "none" if at is None else f"token {at + 1}"
 
 
 def choices(state: dict | None, *current: str | None):
@@ -109,12 +141,21 @@ def build(ctx: Ctx) -> None:
                     texts.append(gr.Textbox(label="Original" if i == 0 else f"Compressed {i}", lines=8,
                                             elem_classes=["generation"], elem_id=f"cmp-text-{i}"))
                     speeds.append(gr.Markdown(elem_id=f"cmp-speed-{i}"))
+        gr.Markdown("**Where each model parts from the original.** Each compressed model reads the "
+                    "original's text; every token is shaded by the KL divergence between the two "
+                    "models' predictions of it (white: the same prediction, dark: far apart; shade = "
+                    "1 − e^−KL). With temperature 0 the table's *first difference* is the token at "
+                    "which that model's own greedy output leaves the original's.")
+        parts = [gr.HighlightedText(label=f"Compressed {i}: divergence per token", show_legend=False,
+                                    combine_adjacent=False, elem_id=f"cmp-parts-{i}")
+                 for i in range(1, SLOTS)]
         table = gr.Dataframe(headers=["model", "parameters", "of original", "canonical ppl",
-                                      "prefill tokens/s", "decode tokens/s"],
+                                      "prefill tokens/s", "decode tokens/s", "mean KL",
+                                      "top-1 agreement", "first difference"],
                              interactive=False, label="Size and quality", elem_id="cmp-table")
         summary = gr.JSON(visible=False)
     event = go.click(compare, [original, *slots, prompt, max_new, temperature, top_p, seed, chat, with_ppl],
-                     [*texts, *speeds, table, summary], api_name="compare", **HEAVY)
+                     [*texts, *speeds, table, summary, *parts], api_name="compare", **HEAVY)
     stop.click(None, None, None, cancels=[event], api_visibility="private")
     ctx.on_outputs.append((choices, [ctx.state, *slots], slots))
     ctx.components["compare_slot"] = slots[0]  # the Pareto plot's selection lands here

@@ -100,7 +100,9 @@ def stream(loaded: models.Loaded, prompt: str, max_new_tokens: int, temperature:
     if "error" in out:
         raise out["error"]
     new = int(out["ids"].shape[1] - ids.shape[1])
-    yield text, {"new_tokens": new, "seconds": seconds, "tokens_per_s": new / seconds if seconds else 0.0}
+    # ids and start: the whole sequence and where the continuation begins (Compare reads them).
+    yield text, {"new_tokens": new, "seconds": seconds, "tokens_per_s": new / seconds if seconds else 0.0,
+                 "ids": out["ids"][0].tolist(), "start": int(ids.shape[1])}
 
 
 def build(ctx: Ctx) -> None:
