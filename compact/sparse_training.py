@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import types
 from dataclasses import dataclass
 
@@ -164,6 +165,11 @@ def flip_rate(a: Tensor, b: Tensor) -> tuple[int, int]:
     return int((a != b).sum()), a.numel()
 
 
+def block_index(name: str) -> int:
+    """The transformer block a linear belongs to: the first number in its qualified name."""
+    return int(re.search(r"\.(\d+)\.", f".{name}.").group(1))
+
+
 def _ast_forward(self, x: Tensor) -> Tensor:
     w = MaskedWeight.apply(self.weight, self.ast_mask)
     y = F.linear(x, w.T if isinstance(self, Conv1D) else w, self.bias)
@@ -191,6 +197,7 @@ class AstHooks(train.TrainHooks):
         self.initial: dict[str, Tensor] = {}        # at the start of training
         self.step = 0
         self.last = {"flip_prev": 0.0, "flip_init": 0.0}
+        self.block_flips: list[float] | None = None  # per block, at a step that re-chose the masks
         self.slorb: dict | None = None
         self.summary: dict | None = None
 
@@ -221,6 +228,7 @@ class AstHooks(train.TrainHooks):
     @torch.no_grad()
     def _update_masks(self) -> None:
         prev = init = total = 0
+        per_block: dict[int, list[int]] = {}  # block index -> [flipped, weights]: the app's heatmap
         for name, mod in self.linears.items():
             w = weight_oi(mod).detach().abs().float()
             if self.cfg.mask_margin:  # the current mask wins ties and near-ties
@@ -229,9 +237,12 @@ class AstHooks(train.TrainHooks):
             p, t = flip_rate(keep, self.masks[name])
             i, _ = flip_rate(keep, self.initial[name])
             prev, init, total = prev + p, init + i, total + t
+            counts = per_block.setdefault(block_index(name), [0, 0])
+            counts[0], counts[1] = counts[0] + p, counts[1] + t
             self.masks[name] = keep
             mod.ast_mask.copy_(_stored(keep, mod).to(mod.ast_mask.dtype))
         self.last = {"flip_prev": prev / total, "flip_init": init / total}
+        self.block_flips = [f / t for _, (f, t) in sorted(per_block.items())]
 
     def make_optimizer(self, params, cfg) -> AstAdamW:
         masks = {mod.weight: mod.ast_mask for mod in self.linears.values()}
@@ -243,7 +254,10 @@ class AstHooks(train.TrainHooks):
             group["ast_decay"] = decay_lambda(step, self.alpha, self.t0)
 
     def after_step(self, step, student, optimizer) -> dict:
-        return {"decay_lambda": decay_lambda(step, self.alpha, self.t0), **self.last}
+        extra = {"decay_lambda": decay_lambda(step, self.alpha, self.t0), **self.last}
+        if self.block_flips is not None:  # masks were re-chosen at this step
+            extra["flip_blocks"], self.block_flips = self.block_flips, None
+        return extra
 
     # -- checkpoints
     def release(self) -> None:

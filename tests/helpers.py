@@ -160,3 +160,17 @@ def run_cli(*args: str, env: dict | None = None, timeout: int = 600) -> subproce
     full_env = {**os.environ, **(env or {})}
     return subprocess.run([sys.executable, "-m", "compact", *args], cwd=ROOT, env=full_env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+def plot_array(value):
+    """A Plotly JSON array as numpy: plain lists, or the typed binary form that Plotly writes for
+    numpy arrays ({"dtype", "bdata", "shape"})."""
+    import base64
+
+    import numpy as np
+
+    if isinstance(value, dict) and "bdata" in value:
+        flat = np.frombuffer(base64.b64decode(value["bdata"]), dtype=value["dtype"]).astype(float)
+        shape = [int(d) for d in str(value.get("shape", len(flat))).split(",")]
+        return flat.reshape(shape)
+    return np.array(value, dtype=float)

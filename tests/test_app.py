@@ -12,11 +12,13 @@ import math
 import zipfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 from gradio_client import Client
 from gradio_client.exceptions import AppError
 
 from compact import models, shapes
+from tests.helpers import plot_array
 from ui import prune_tab
 from ui.server import serve
 
@@ -127,6 +129,12 @@ def test_sparsify_magnitude_is_exactly_two_four(client, flow):
     assert result["sparsity"] == pytest.approx(0.5, abs=1e-3)
     assert math.isfinite(result["canonical"]["ppl_after"])
     assert "exact" in message
+    # the mask view: one saved weight's first 128 x 128, pruned cells empty, 2 of every 4 kept
+    weight = "model.layers.3.mlp.down_proj"
+    fig = json.loads(client.predict(result, weight, api_name="/sparsify_mask")["plot"])
+    z = plot_array(fig["data"][0]["z"])
+    assert z.shape == (128, 128) and "every group of 4 keeps at most 2" in fig["layout"]["title"]["text"]
+    assert (np.isnan(z).reshape(128, 32, 4).sum(-1) >= 2).all()
 
 
 def test_sparsify_ast_with_slorb_and_margin(client):
@@ -141,6 +149,10 @@ def test_sparsify_ast_with_slorb_and_margin(client):
     assert result["pattern_ok"] is True and result["sparsity"] == pytest.approx(0.5, abs=1e-3)
     assert (Path(result["out"]) / "slorb.safetensors").is_file()
     assert math.isfinite(result["canonical"]["ppl_after"])
+    # mask flips per block at the one mask update (step 2), and the decay schedule under it
+    heatmap, decay = json.loads(flips["plot"])["data"]
+    assert heatmap["type"] == "heatmap" and heatmap["x"] == [2]
+    assert plot_array(heatmap["z"]).shape == (30, 1) and len(decay["y"]) == 4
 
 
 def test_distill_a_few_steps(client, flow):

@@ -130,6 +130,11 @@ def test_mask_update_and_flip_rates(make_model):
     assert hooks.last["flip_prev"] == pytest.approx(4 / total)
     assert hooks.last["flip_init"] == pytest.approx(4 / total)
     assert torch.equal(mod.ast_mask.bool(), hooks.masks[name])
+    # per block, for the app's heatmap: the 4 flips are all in block 0, and only this step says so
+    in_block0 = sum(m.numel() for n, m in hooks.masks.items() if sparse_training.block_index(n) == 0)
+    blocks = hooks.after_step(5, model, None)["flip_blocks"]
+    assert blocks == [pytest.approx(4 / in_block0)] + [0.0] * (len(model.model.layers) - 1)
+    assert "flip_blocks" not in hooks.after_step(6, model, None)
     with torch.no_grad():  # flip it back: 4 changes vs the previous mask, none vs the initial
         w[0, :4] = torch.where(keep0[0, :4], row + 20, row * 1e-4)
     hooks.before_step(10, model, None)

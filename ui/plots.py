@@ -267,3 +267,45 @@ def overlay(series: dict[str, tuple[Sequence[float], Sequence[float]]], title: s
     _layout(fig, title, height=320)
     fig.update_layout(plot_bgcolor="white")
     return fig
+
+
+def weight_mask(weight, name: str, n: int, m: int, size: int = 128) -> go.Figure:
+    """The top-left size x size block of one sparse weight (out x in): kept weights coloured by
+    |w|, pruned ones left empty, so each group of m inputs shows its n kept cells. Zoom in to
+    read single groups; the title says whether every group of the whole matrix holds n:m."""
+    w = _np(weight)
+    rows, cols = min(size, w.shape[0]), min(size, w.shape[1])
+    block = np.abs(w[:rows, :cols])
+    block[block == 0] = np.nan
+    groups = (w.reshape(w.shape[0], -1, m) != 0).sum(-1) if w.shape[1] % m == 0 else None
+    exact = groups is not None and bool((groups <= n).all())
+    fig = go.Figure(go.Heatmap(z=_f32(block), colorscale=SCALE, colorbar=dict(title="|w|"),
+                               hovertemplate="output %{y}, input %{x}<br>|w| %{z:.3g}<extra></extra>"))
+    fig.update_xaxes(title=f"input (groups of {m}: x {m}k to {m}k + {m - 1})")
+    fig.update_yaxes(title="output", autorange="reversed")
+    verdict = f"every group of {m} keeps at most {n}" if exact else f"NOT {n}:{m} everywhere"
+    return _layout(fig, f"{name}: rows 0-{rows - 1}, inputs 0-{cols - 1} of {w.shape[0]} x {w.shape[1]} "
+                        f"(empty = pruned; {verdict})", height=480)
+
+
+def mask_flips(events: list[dict]) -> go.Figure:
+    """AST: per block, the share of its weights whose mask flipped at each mask update (top), and
+    the decay on pruned weights lambda(t) (bottom), against the optimizer step."""
+    updates = [e for e in events if e.get("flip_blocks")]
+    fig = make_subplots(rows=2, cols=1, shared_xaxes=True, row_heights=[0.7, 0.3], vertical_spacing=0.08)
+    if updates:
+        z = np.array([e["flip_blocks"] for e in updates], dtype=np.float64).T  # block x update
+        fig.add_trace(go.Heatmap(z=_f32(z), x=[e["step"] for e in updates], colorscale=SCALE,
+                                 colorbar=dict(title="flipped", len=0.65, y=0.66),
+                                 hovertemplate="step %{x}, block %{y}<br>%{z:.2%} flipped<extra></extra>"),
+                      row=1, col=1)
+    decay = [(e["step"], e["decay_lambda"]) for e in events if e.get("decay_lambda") is not None]
+    if decay:
+        fig.add_trace(go.Scatter(x=[s for s, _ in decay], y=[v for _, v in decay], mode="lines",
+                                 name="decay λ(t)", showlegend=False), row=2, col=1)
+    fig.update_yaxes(title="block", row=1, col=1)
+    fig.update_yaxes(title="λ(t)", row=2, col=1)
+    fig.update_xaxes(title="optimizer step", row=2, col=1)
+    _layout(fig, "Mask flips per block at each mask update (top); decay on pruned weights (bottom)", 480)
+    fig.update_layout(plot_bgcolor="white")
+    return fig

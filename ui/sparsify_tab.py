@@ -13,6 +13,7 @@ from pathlib import Path
 import gradio as gr
 
 from compact import hardware, models, sparsify, sparsity
+from compact.arch import weight_oi
 from compact.jobs import command_line
 from compact.options import default
 from compact.sparsify import METHODS, SparsifyConfig
@@ -33,16 +34,26 @@ from ui.common import (
 APP_SAMPLES = 32
 
 
-def layer_plot(check: dict, pattern: str):
-    names = list(check["layers"])
-    short = [n.replace("model.layers.", "L").replace("transformer.h.", "L") for n in names]
-    return plots.bars(short, [check["layers"][n]["sparsity"] for n in names],
-                      f"Sparsity per weight ({pattern}; overall {check['sparsity']:.1%})", "zeros", (0, 1))
+def weights(result: dict | None):
+    """The sparsified weights' names, for the mask view's picker (after a job)."""
+    if not result or not result.get("out") or not Path(result["out"]).is_dir():
+        return gr.Dropdown(choices=[], value=None)
+    names = list(sparsity.target_linears(st.CACHE.get(result["out"]).model))
+    return gr.Dropdown(choices=names, value=names[0])
+
+
+@jobs.user_errors
+def mask_plot(result: dict | None, name: str | None):
+    """One weight of the saved sparse model as a zoomable mask."""
+    if not result or not name:
+        return gr.skip()
+    model = st.CACHE.get(result["out"]).model
+    n, m = sparsity.parse_pattern(result["pattern"])
+    return plots.weight_mask(weight_oi(model.get_submodule(name)), name, n, m)
 
 
 def flip_plot(events: list[dict]):
-    return plots.curves(events, "step", ["flip_prev", "flip_init"],
-                        "Mask flip rate (vs previous masks, vs initial masks)", "fraction of weights")
+    return plots.mask_flips(events)
 
 
 def loss_plot(events: list[dict]):
@@ -132,7 +143,7 @@ def sparsify_job(cfg: SparsifyConfig, state: dict, sid: str, progress):
     msg = (f"{result['pattern']} {method}: {check['sparsity']:.1%} zeros, pattern "
            f"{'exact' if result['pattern_ok'] else 'NOT exact'}; {scored(result['canonical'])}. "
            f"Saved to `{out}`.")
-    yield (layer_plot(check, result["pattern"]), loss_plot(events) if events else gr.skip(),
+    yield (gr.skip(), loss_plot(events) if events else gr.skip(),
            flip_plot(events) if events else gr.skip(), result, msg, state)
 
 
@@ -173,10 +184,19 @@ def build(ctx: Ctx) -> None:
             go, stop = job_buttons("Sparsify")
         pick, again, interrupted = lanes.resume_controls("sparsify", "AST run")
         status = gr.Markdown()
-        per_layer = gr.Plot(plots.empty("Per-layer sparsity appears here"), label="Per-layer sparsity")
+        gr.Markdown("**The mask.** One weight of the result, its first 128 outputs x 128 inputs: kept "
+                    "weights coloured by |w|, pruned ones empty. Under N:M every group of M neighbouring "
+                    "inputs in a row keeps N; zoom in (drag a box) to see single groups. Pick any weight.")
+        weight = gr.Dropdown([], value=None, label="Weight", elem_id="sparsify-weight")
+        per_layer = gr.Plot(plots.empty("The mask of one weight appears here after a run"), label="Mask")
         with gr.Row():
             loss = gr.Plot(plots.empty("AST loss"), label="AST loss")
-            flips = gr.Plot(plots.empty("AST mask flip rate"), label="Mask flip rate")
+            flips = gr.Plot(plots.empty("AST mask flips per block and the decay schedule"),
+                            label="Mask flips and decay")
+        gr.Markdown("AST (arXiv 2407.20584, sections 3.2-3.3) re-chooses each mask from |w| every *mask "
+                    "update interval* steps and decays pruned weights by λ(t), so that masks settle: the "
+                    "heatmap's rows are blocks, its columns mask updates, its colour the share of a "
+                    "block's weights whose mask flipped; it should fade as λ grows.")
         result = gr.JSON(visible=False)
     event = go.click(run, [model, method, pattern, src, samples, seq_len, tokens, batch, lr, slorb_k,
                            mask_interval, mask_margin, resume, ctx.state],
@@ -185,6 +205,8 @@ def build(ctx: Ctx) -> None:
                           [per_layer, loss, flips, result, status, ctx.state],
                           api_name="sparsify_resume", **LONG)
     ctx.output_events += [event, resumed]
+    result.change(weights, result, weight, api_visibility="private")
+    weight.change(mask_plot, [result, weight], per_layer, api_name="sparsify_mask")
     follow_models(ctx, model)
     ctx.on_outputs.append((interrupted, [], [pick]))
     ctx.on_load.append((interrupted, [], [pick]))
