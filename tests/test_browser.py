@@ -179,11 +179,16 @@ def heatmap_drawn(elem_id: str) -> str:
 def test_main_flow_by_clicking(browser):
     b = browser
     b.wait("document.body.innerText.includes('shrink a language model')", 60, "the page")
-    for tab in ("Model", "Importance", "Prune", "Sparsify", "Distill", "Compare", "Export"):
+    for tab in ("Start", "Model", "Importance", "Prune", "Sparsify", "Distill", "Compare", "Export"):
         assert b.js("[...document.querySelectorAll('button[role=tab]')]"
                     f".some(t => t.textContent.trim() === '{tab}')"), tab
     b.screenshot(SHOTS / "01-page.png")
 
+    # the start view explains the flow, and its first step's button opens the Model tab
+    assert "Minitron" in b.text("body") and "AST" in b.text("body")
+    b.click_button("1 · Model")
+    b.wait("[...document.querySelectorAll('button')].some(x => x.offsetParent !== null "
+           "&& x.textContent.trim() === 'Load')", 20, "the model tab")
     b.click_button("Load")
     b.wait("document.body.innerText.includes('134.52 M')", 120, "the model card")
 

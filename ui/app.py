@@ -17,6 +17,7 @@ from ui import (
     model_tab,
     prune_tab,
     sparsify_tab,
+    start_tab,
 )
 from ui import state as st
 from ui.common import Ctx
@@ -50,11 +51,12 @@ def build_app() -> gr.Blocks:
         gr.Markdown(f"# {TITLE}\nLoad a model, see which layers, heads, neurons and channels matter, "
                     "prune or sparsify it, distill it back toward the original, and compare them.")
         ctx = Ctx(state=gr.State(st.new_session()))
-        with gr.Tabs():
-            for tab in (model_tab, importance_tab, prune_tab, sparsify_tab, distill_tab, compare_tab,
-                        experiments_tab, export_tab):
+        with gr.Tabs(selected="start") as tabs:
+            for tab in (start_tab, model_tab, importance_tab, prune_tab, sparsify_tab, distill_tab,
+                        compare_tab, experiments_tab, export_tab):
                 tab.build(ctx)
         ctx.wire(app)
+        ctx.wire_tabs(tabs)
     return app
 
 

@@ -80,6 +80,12 @@ class Ctx:
     on_outputs: list[tuple[Callable, list, list]] = field(default_factory=list)
     on_load: list[tuple[Callable, list, list]] = field(default_factory=list)  # when a page opens
     components: dict[str, gr.components.Component] = field(default_factory=dict)  # for later tabs
+    tab_buttons: list[tuple[gr.Button, str]] = field(default_factory=list)  # a button, the tab it opens
+
+    def wire_tabs(self, tabs: gr.Tabs) -> None:
+        for button, tab in self.tab_buttons:
+            button.click(lambda tab=tab: gr.Tabs(selected=tab), None, tabs, queue=False,
+                         api_visibility="private")
 
     def wire(self, app: gr.Blocks | None = None) -> None:
         if app is not None:

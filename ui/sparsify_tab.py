@@ -193,7 +193,7 @@ def build(ctx: Ctx) -> None:
             loss = gr.Plot(plots.empty("AST loss"), label="AST loss")
             flips = gr.Plot(plots.empty("AST mask flips per block and the decay schedule"),
                             label="Mask flips and decay")
-        gr.Markdown("AST (arXiv 2407.20584, sections 3.2-3.3) re-chooses each mask from |w| every *mask "
+        gr.Markdown("AST (arXiv 2407.20584) re-chooses each mask from |w| every *mask "
                     "update interval* steps and decays pruned weights by λ(t), so that masks settle: the "
                     "heatmap's rows are blocks, its columns mask updates, its colour the share of a "
                     "block's weights whose mask flipped; it should fade as λ grows.")
