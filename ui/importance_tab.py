@@ -80,6 +80,23 @@ def run(model: str | None, src: str, samples: int, seq_len: int, batch_agg: str,
     return (*figures(scores), summary(scores), f"Scores saved to `{out}`", state)
 
 
+SCORES_HELP = """
+- **Activation score** (Minitron, arXiv 2407.14679, section 2.2): run calibration text through the
+  model and measure how large each part's output is. A head's score is the size of its attention
+  output, a neuron's the size of its activation entering the MLP's down projection, a channel's the
+  size of the normalised hidden state in that channel. Small output = little influence.
+- **Aggregation** turns one value per token into one score per part, first over the tokens of a
+  sample (*sequence aggregation*), then over samples (*batch aggregation*): **mean** = mean of
+  absolute values, **l2** = square root of the sum of squares (favours rare large outputs),
+  **var** = variance (favours parts whose output changes with the input). The paper's best: l2
+  over the batch, mean over the sequence.
+- **Block Influence** (ShortGPT, arXiv 2403.03853): 1 − the mean cosine similarity between a layer's
+  input and output hidden states. A layer that barely turns the hidden state scores near 0.
+- **Layer perplexity**: the validation perplexity with that one layer removed: slower (one pass
+  per layer) but measures the damage directly.
+"""
+
+
 def build(ctx: Ctx) -> None:
     with gr.Tab("Importance", id="importance"):
         gr.Markdown("Minitron importance from forward passes on calibration text: per head, MLP "
@@ -103,12 +120,27 @@ def build(ctx: Ctx) -> None:
         with gr.Row():
             go, stop = job_buttons("Estimate importance")
         status = gr.Markdown(elem_id="imp-status")
+        with gr.Accordion("What the scores mean", open=False):
+            gr.Markdown(SCORES_HELP)
         with gr.Row():
-            heads = gr.Plot(plots.empty("Run importance to see scores"), label="Heads", elem_id="imp-heads")
-            layers = gr.Plot(plots.empty("Run importance to see scores"), label="Layers")
+            with gr.Column():
+                heads = gr.Plot(plots.empty("Run importance to see scores"), label="Heads",
+                                elem_id="imp-heads")
+                gr.Markdown("One row per layer, one cell per attention head; colour = the head's "
+                            "activation score (Minitron section 2.2). Dark heads write little and are "
+                            "pruned first; Prune keeps the same number of heads in every layer.")
+            with gr.Column():
+                layers = gr.Plot(plots.empty("Run importance to see scores"), label="Layers")
+                gr.Markdown("Block Influence per layer: how much the layer changes the hidden state "
+                            "(higher = more important). With *Layer perplexity* ticked, also the "
+                            "perplexity with that layer removed (higher = more important).")
         neurons = gr.Plot(plots.empty("Run importance to see scores"), label="MLP neurons",
                           elem_id="imp-neurons")
+        gr.Markdown("Each row is a layer's MLP neurons sorted by score, most important on the left; colour "
+                    "on a log scale. A steep fall means a few neurons carry the layer: its width can go.")
         channels = gr.Plot(plots.empty("Run importance to see scores"), label="Embedding channels")
+        gr.Markdown("Embedding (hidden) channels sorted by their score summed over layers (the norms' "
+                    "outputs); pruning hidden size removes the right-hand channels from every layer at once.")
         result = gr.JSON(label="Scores", visible=False)
     follow_models(ctx, model)
     go.click(run, [model, src, samples, seq_len, batch_agg, seq_agg, depth_ppl, ctx.state],

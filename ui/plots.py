@@ -63,6 +63,7 @@ def heads(scores, kept_layers=None, kept_heads=None) -> go.Figure:
     shown = np.where(mask, z, np.nan)
     fig = go.Figure(go.Heatmap(
         z=shown, colorscale=SCALE, zmin=float(np.nanmin(z)), zmax=float(np.nanmax(z)),
+        colorbar=dict(title="activation<br>score"),
         hovertemplate="layer %{y}, head %{x}<br>score %{z:.4g}<extra></extra>"))
     fig.update_xaxes(title="head", dtick=1)
     fig.update_yaxes(title="layer", autorange="reversed")
@@ -81,7 +82,8 @@ def _log10(z: np.ndarray) -> np.ndarray:
 def _colorbar_log(z: np.ndarray) -> dict:
     lo, hi = np.floor(np.nanmin(z)), np.ceil(np.nanmax(z))
     ticks = np.arange(lo, hi + 1)
-    return dict(title="score", tickvals=ticks.tolist(), ticktext=[f"1e{int(t)}" for t in ticks])
+    return dict(title="activation<br>score (log)", tickvals=ticks.tolist(),
+                ticktext=[f"1e{int(t)}" for t in ticks])
 
 
 def neurons(scores, kept_layers=None, kept_neurons=None, max_columns: int = MAX_NEURON_COLUMNS) -> go.Figure:
