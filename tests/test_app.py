@@ -161,7 +161,8 @@ def test_distill_a_few_steps(client, flow):
                                            False, api_name="/distill")
     assert result["status"] == "done" and result["steps"] == 4
     assert math.isfinite(result["loss"]) and math.isfinite(result["canonical"]["ppl_after"])
-    assert "Saved to" in message and "validation" in message  # the canonical setting, named
+    assert "Saved as" in message and "Next:" in message
+    assert "validation" in message  # the canonical setting, named
     assert (Path(result["out"]) / "model.safetensors").is_file()
 
 

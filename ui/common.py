@@ -165,6 +165,21 @@ def scored(before_after: dict | None) -> str:
             f"({before_after['setting']})")
 
 
+# What to do after each job: the workshop's next step, in the words of the tabs.
+NEXT = {
+    "importance": "Next: **Prune** picks target sizes and trims the parts these scores rank lowest.",
+    "prune": "Next: **Distill** it from the original to win the perplexity back, or **Compare** it now.",
+    "distill": "Next: **Compare** it with the original, or see it on the **Export** tab's Pareto plot.",
+    "sparsify": "Next: **Compare** it with the original; AST models usually beat one-shot ones there.",
+    "experiment": "Next: pick the best arm's model in **Compare**, or on the **Export** tab's Pareto plot.",
+}
+
+
+def saved(out, job: str) -> str:
+    """Where a job's result went, by the name the pickers show, and the step after it."""
+    return f"Saved as **{Path(out).name}**. {NEXT[job]}"
+
+
 def eval_note() -> str:
     """What every perplexity in the app means, for the tabs that show one."""
     return (f"Perplexity is the workspace's canonical evaluation: {scoreboard.canonical().label}, "

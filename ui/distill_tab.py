@@ -25,6 +25,7 @@ from ui.common import (
     eval_note,
     job_buttons,
     model_choices,
+    saved,
     scored,
     take_upload,
     upload_box,
@@ -118,7 +119,8 @@ def train(cfg: DistillConfig, state: dict, sid: str, progress):
     st.add_output(state, st.Output("distilled", str(out), cmd, teacher, {"student": student, **result}))
     st.CACHE.drop(str(out))  # a resumed run rewrites the folder
     msg = (f"Done: {result['steps']} steps, {result['tokens']:,} tokens at "
-           f"{result['tokens_per_s']:.0f} tokens/s; {scored(result.get('canonical'))}. Saved to `{out}`.")
+           f"{result['tokens_per_s']:.0f} tokens/s; {scored(result.get('canonical'))}. "
+           f"{saved(out, 'distill')}")
     yield loss_plot(events) if events else gr.skip(), msg, result, state
 
 

@@ -3,6 +3,8 @@ in a worker process (ui/lanes.py)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import gradio as gr
 
 from compact import experiments
@@ -10,7 +12,7 @@ from compact.experiments import EXPERIMENTS, ExperimentConfig
 from compact.jobs import command_line
 from ui import jobs, lanes, plots
 from ui import state as st
-from ui.common import LONG, Ctx, eval_note, follow_models, job_buttons, model_choices
+from ui.common import LONG, NEXT, Ctx, eval_note, follow_models, job_buttons, model_choices
 
 ABOUT = {
     "axis-ablation": "Prune to the same parameter count along depth, MLP, attention, embedding "
@@ -64,7 +66,8 @@ def run(model: str | None, name: str, keep: float, tokens: int, seq_len: int, ba
                              config=cfg)
     cmd = command_line(cfg)
     st.add_output(state, st.Output("experiment", str(out), cmd, model, {"experiment": name}))
-    return table(result), figure(result), f"Results in `{out}` (results.md, results.json)", state
+    msg = f"Results in **{Path(out).name}** (results.md, results.json). {NEXT['experiment']}"
+    return table(result), figure(result), msg, state
 
 
 def build(ctx: Ctx) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import gradio as gr
 
 from compact import importance
@@ -12,6 +14,7 @@ from ui import state as st
 from ui.common import (
     DATA_CHOICES,
     HEAVY,
+    NEXT,
     Ctx,
     follow_models,
     gpu,
@@ -77,7 +80,8 @@ def run(model: str | None, src: str, samples: int, seq_len: int, batch_agg: str,
     # Prune works on the model these scores are of (ui.prune_tab.source)
     state.update(scores=scores, scores_path=str(out), scores_ref=ref, scores_command=cmd)
     st.add_output(state, st.Output("importance", str(out), cmd, ref, summary(scores)))
-    return (*figures(scores), summary(scores), f"Scores saved to `{out}`", state)
+    msg = f"Scores saved as **{Path(out).name}**. {NEXT['importance']}"
+    return (*figures(scores), summary(scores), msg, state)
 
 
 SCORES_HELP = """

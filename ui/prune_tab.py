@@ -16,7 +16,7 @@ from compact.jobs import command_line
 from compact.shapes import Shape
 from ui import importance_tab, jobs
 from ui import state as st
-from ui.common import HEAVY, Ctx, eval_note, gib, gpu, human, job_buttons, scored
+from ui.common import HEAVY, Ctx, eval_note, gib, gpu, human, job_buttons, saved, scored
 
 
 def targets(base: Shape, layers, hidden, ffn, heads) -> dict:
@@ -148,7 +148,7 @@ def run_prune(base: Shape | None, layers, hidden, ffn, heads, depth_metric: str,
     st.add_output(state, st.Output("pruned", str(out), cmd, ref, result))
     kept = result["params"] / result["source_params"]
     msg = (f"Pruned to {human(result['params'])} parameters ({kept:.1%}); {scored(result['canonical'])}. "
-           f"Saved to `{out}`.")
+           f"{saved(out, 'prune')}")
     return result, msg, state
 
 

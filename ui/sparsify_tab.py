@@ -27,6 +27,7 @@ from ui.common import (
     follow_models,
     job_buttons,
     model_choices,
+    saved,
     scored,
 )
 
@@ -142,7 +143,7 @@ def sparsify_job(cfg: SparsifyConfig, state: dict, sid: str, progress):
                                    ref, result))
     msg = (f"{result['pattern']} {method}: {check['sparsity']:.1%} zeros, pattern "
            f"{'exact' if result['pattern_ok'] else 'NOT exact'}; {scored(result['canonical'])}. "
-           f"Saved to `{out}`.")
+           f"{saved(out, 'sparsify')}")
     yield (gr.skip(), loss_plot(events) if events else gr.skip(),
            flip_plot(events) if events else gr.skip(), result, msg, state)
 
