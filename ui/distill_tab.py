@@ -149,6 +149,8 @@ def build(ctx: Ctx) -> None:
             ce_weight = gr.Number(value=d("ce_weight"), label="CE weight")
             hidden_weight = gr.Number(value=d("hidden_weight"), label="Hidden-state weight")
             resume = gr.Checkbox(value=False, label="Resume the last run of this student")
+        jobs.fields(tokens=tokens, seq_len=seq_len, batch=batch, lr=lr, temperature=temperature,
+                    kd_weight=kd_weight, ce_weight=ce_weight, hidden_weight=hidden_weight, resume=resume)
         upload = upload_box("training")
         gr.Markdown(eval_note())
         with gr.Row():

@@ -86,6 +86,7 @@ def build(ctx: Ctx) -> None:
             eval_tokens = gr.Number(value=2048, precision=0, minimum=1,
                                     label="Validation tokens of the arms' own loss columns")
             src = gr.Textbox(value="builtin", label="Data")
+        jobs.fields(keep=keep)
         about = gr.Markdown(ABOUT["axis-ablation"])
         gr.Markdown(eval_note() + " The loss columns are each experiment's own validation, on its "
                     "sequence length and tokens; canonical_ppl is the workspace's.")

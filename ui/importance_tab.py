@@ -120,6 +120,8 @@ def build(ctx: Ctx) -> None:
                                   value=default(importance.ImportanceConfig, "seq_agg"))
             depth_ppl = gr.Checkbox(value=default(importance.ImportanceConfig, "depth_ppl"),
                                     label="Layer perplexity (one pass per layer, slower)")
+        jobs.fields(data=src, samples=samples, seq_len=seq_len, batch_agg=batch_agg, seq_agg=seq_agg,
+                    depth_ppl=depth_ppl)
         upload = upload_box("calibration")
         with gr.Row():
             go, stop = job_buttons("Estimate importance")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import inspect
 import queue
+import re
 import threading
 import traceback
 from collections import defaultdict
@@ -178,13 +179,32 @@ def run_to_end(work: Callable[[Job], Any], sid: str, kind: str, progress: gr.Pro
     raise Cancelled()
 
 
+# Option name (as a flag, without the dashes) -> its field's label on screen. The library's
+# messages name command-line flags (`--tokens must be positive`); the app shows the fields.
+FIELDS: dict[str, str] = {}
+
+
+def fields(**components) -> None:
+    """Register widgets as the fields of options, by option name (the first label registered wins)."""
+    for option, component in components.items():
+        FIELDS.setdefault(option.replace("_", "-"), component.label)
+
+
+def on_screen(message: str) -> str:
+    """A library message in the words of the app's fields: `--tokens` becomes "Training tokens"."""
+    def label(m: re.Match) -> str:
+        return f"“{FIELDS[m.group(1)]}”" if m.group(1) in FIELDS else m.group(0)
+
+    return re.sub(r"(?<![\w-])--([a-z][a-z0-9-]*)", label, message)
+
+
 def user_errors(fn: Callable) -> Callable:
     """Show UserError (and Cancelled) as a gr.Error for quick handlers; the server goes on."""
 
     def translate(e: Exception) -> gr.Error:
         if isinstance(e, Cancelled):
             return gr.Error("cancelled")
-        return gr.Error(str(e))
+        return gr.Error(on_screen(str(e)))
 
     if inspect.isgeneratorfunction(fn):
         @functools.wraps(fn)

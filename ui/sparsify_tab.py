@@ -180,6 +180,8 @@ def build(ctx: Ctx) -> None:
                 slorb_k = gr.Dropdown([0, 16, 32, 64], value=default(SparsifyConfig, "slorb_k"),
                                       label="SLoRB block size (0 = off)")
                 resume = gr.Checkbox(value=False, label="Resume the last AST run")
+        jobs.fields(method=method, pattern=pattern, mask_interval=mask_interval, mask_margin=mask_margin,
+                    slorb_k=slorb_k)
         with gr.Row():
             gr.Markdown(eval_note())
             go, stop = job_buttons("Sparsify")
