@@ -292,3 +292,7 @@ def for_config(config) -> Arch:
 
 def for_model(model) -> Arch:
     return for_config(model.config)
+
+
+# Phi-3, GPT-NeoX and OPT live in their own module, which registers them in FAMILIES.
+from compact import arch_fused  # noqa: E402, F401

@@ -90,11 +90,11 @@ def resolve_targets(shape: Shape, layers=None, hidden=None, ffn=None, heads=None
     heads = _positive("heads", heads, shape.heads)
     if hidden_tied_to_heads:
         if heads is not None and hidden is not None and hidden != heads * shape.head_dim:
-            raise UserError(f"GPT-2 ties hidden to heads x head_dim ({shape.head_dim}): "
+            raise UserError(f"this model ties hidden to heads x head_dim ({shape.head_dim}): "
                             f"{heads} heads need hidden {heads * shape.head_dim}, not {hidden}")
         if hidden is not None and heads is None:
             if hidden % shape.head_dim:
-                raise UserError(f"GPT-2 ties hidden to heads x head_dim: hidden must be a multiple "
+                raise UserError(f"this model ties hidden to heads x head_dim: hidden must be a multiple "
                                 f"of {shape.head_dim}, got {hidden}")
             heads = hidden // shape.head_dim
         elif heads is not None:
@@ -193,6 +193,24 @@ def _dims(heads: list[int], head_dim: int) -> torch.Tensor:
     return torch.tensor([h * head_dim + d for h in heads for d in range(head_dim)], dtype=torch.long)
 
 
+# Where query head h's dims start along each axis that holds query heads, in head_dims.
+QUERY_STRIDE = {"q": 1, "qkv": 1, "qkv_per_head": 3}
+
+
+def _block_index(s: Shape, channels, heads: list[int], kv_heads: list[int],
+                 neurons: list[int]) -> dict[str, torch.Tensor]:
+    """The kept indices along each axis kind of a block's parameters (see Arch.block_axes)."""
+    q, kv = _dims(heads, s.head_dim), _dims(kv_heads, s.head_dim)
+    ffn = torch.tensor(neurons, dtype=torch.long)
+    q_width, kv_width = s.heads * s.head_dim, s.kv_heads * s.head_dim
+    return {"ch": channels, "q": q, "kv": kv, "ffn": ffn,
+            # Fused layouts: q|k|v stacked (GPT-2, Phi-3), gate|up stacked (Phi-3), and
+            # q, k, v interleaved head by head (GPT-NeoX, multi-head only).
+            "qkv": torch.cat([q, q_width + kv, q_width + kv_width + kv]),
+            "gate_up": torch.cat([ffn, s.ffn + ffn]),
+            "qkv_per_head": _dims(heads, 3 * s.head_dim)}
+
+
 def _residual_pairs(scores: Scores, layer: int, p: Plan, position: int) -> list[tuple[int, int]]:
     """Head residual pairs (kept head i, pruned head j) inside each KV group (or all heads).
 
@@ -213,12 +231,13 @@ def _residual_pairs(scores: Scores, layer: int, p: Plan, position: int) -> list[
     return pairs
 
 
-def _apply_head_residual(t: torch.Tensor, dim: int, pairs, head_dim: int, offset: int = 0) -> torch.Tensor:
-    """new head_i = head_i + (head_i - head_j) on the head's slice of t along dim."""
+def _apply_head_residual(t: torch.Tensor, dim: int, pairs, head_dim: int, stride: int) -> torch.Tensor:
+    """new head_i = head_i + (head_i - head_j) on the head's slice of t along dim; query head
+    h's slice starts at h * stride."""
     t = t.clone()
     for i, j in pairs:
-        a = t.narrow(dim, offset + i * head_dim, head_dim)
-        b = t.narrow(dim, offset + j * head_dim, head_dim)
+        a = t.narrow(dim, i * stride, head_dim)
+        b = t.narrow(dim, j * stride, head_dim)
         a.copy_(2 * a - b)
     return t
 
@@ -232,7 +251,6 @@ def apply(model, p: Plan, scores: Scores | None = None, head_residual: bool = Fa
     model_axes, block_axes = arch.model_axes(), arch.block_axes()
     position = {layer: n for n, layer in enumerate(p.layers)}
     channels = torch.tensor(p.channels, dtype=torch.long)
-    attn_width = s.heads * s.head_dim
     new_sd = {}
     for key, tensor in model.state_dict().items():
         if key.startswith(arch.layers_prefix):
@@ -242,15 +260,14 @@ def apply(model, p: Plan, scores: Scores | None = None, head_residual: bool = Fa
                 continue
             n = position[layer]
             axes = block_axes.get(name)
-            q, kv = _dims(p.heads[n], s.head_dim), _dims(p.kv_heads[n], s.head_dim)
-            index = {"ch": channels, "q": q, "kv": kv, "ffn": torch.tensor(p.neurons[n]),
-                     "qkv": torch.cat([q, attn_width + kv, 2 * attn_width + kv])}
+            index = _block_index(s, channels, p.heads[n], p.kv_heads[n], p.neurons[n])
             key = f"{arch.layers_prefix}{n}.{name}"
             if head_residual and p.shape.heads < s.heads and axes is not None:
                 pairs = _residual_pairs(scores, layer, p, n)
                 for dim, axis in enumerate(axes):
-                    if axis in ("q", "qkv"):  # query heads only; "qkv": its q part comes first
-                        tensor = _apply_head_residual(tensor, dim, pairs, s.head_dim)
+                    if axis in QUERY_STRIDE:  # query heads only
+                        tensor = _apply_head_residual(tensor, dim, pairs, s.head_dim,
+                                                      QUERY_STRIDE[axis] * s.head_dim)
         else:
             axes = model_axes.get(key)
             index = {"ch": channels}

@@ -30,6 +30,8 @@ class Shape:
     # transformers' LlamaConfig refuses a hidden size that is not a multiple of the head
     # count, even with head_dim given, so a pruned Llama must keep hidden % heads == 0.
     hidden_divisible_by_heads: bool = False
+    # Phi-3's long-context RoPE checks its factor lists against hidden // heads, not head_dim.
+    head_dim_from_hidden: bool = False
 
     def with_targets(self, layers=None, hidden=None, ffn=None, heads=None) -> Shape:
         """The shape after pruning to the given targets (None keeps an axis)."""
@@ -62,6 +64,10 @@ def shape_error(s: Shape) -> str | None:
     if s.hidden_divisible_by_heads and s.hidden % s.heads:
         return (f"hidden ({s.hidden}) must be a multiple of heads ({s.heads}): transformers' "
                 "config for this family requires it")
+    if s.head_dim_from_hidden and s.hidden // s.heads != s.head_dim:
+        return (f"hidden // heads must stay {s.head_dim} (the head size): this model's long-context "
+                f"RoPE is sized by it, so keep hidden between {s.heads * s.head_dim} and "
+                f"{s.heads * (s.head_dim + 1) - 1} for {s.heads} heads")
     return None
 
 

@@ -15,8 +15,11 @@ import torch
 from transformers import (
     AutoModelForCausalLM,
     GPT2Config,
+    GPTNeoXConfig,
     LlamaConfig,
     MistralConfig,
+    OPTConfig,
+    Phi3Config,
     Qwen2Config,
     Qwen3Config,
 )
@@ -24,7 +27,9 @@ from transformers import (
 from compact import arch as arch_mod
 from compact.arch import weight_oi
 
-FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gpt2"]
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gpt2", "phi3", "gpt_neox", "opt"]
+MHA_ONLY = ("gpt2", "gpt_neox", "opt")  # no KV groups: kv_heads is always heads
+LEARNED_POSITIONS = ("gpt2", "opt")
 ROOT = Path(__file__).resolve().parents[1]
 SEQ = 24  # tokens per calibration block of calib()
 
@@ -33,10 +38,20 @@ SEQ = 24  # tokens per calibration block of calib()
 
 def tiny_config(family: str, vocab: int, layers: int = 4, hidden: int = 64, heads: int = 4,
                 kv_heads: int = 2, ffn: int = 128, head_dim: int = 16):
-    common = dict(vocab_size=vocab, tie_word_embeddings=family in ("llama", "gpt2", "qwen3"))
+    common = dict(vocab_size=vocab, tie_word_embeddings=family in ("llama", "gpt2", "qwen3", "opt"))
     if family == "gpt2":
         return GPT2Config(n_layer=layers, n_embd=hidden, n_head=heads, n_inner=ffn, n_positions=256,
                           resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **common)
+    if family == "gpt_neox":  # parallel residual and partial rotary (1/4 of head_dim) by default
+        return GPTNeoXConfig(num_hidden_layers=layers, hidden_size=hidden, num_attention_heads=heads,
+                             intermediate_size=ffn, max_position_embeddings=256, **common)
+    if family == "opt":
+        return OPTConfig(num_hidden_layers=layers, hidden_size=hidden, num_attention_heads=heads,
+                         ffn_dim=ffn, max_position_embeddings=256, dropout=0.0, **common)
+    if family == "phi3":  # head_dim = hidden / heads, as Phi3Config derives it
+        return Phi3Config(num_hidden_layers=layers, hidden_size=hidden, num_attention_heads=heads,
+                          num_key_value_heads=kv_heads, intermediate_size=ffn,
+                          max_position_embeddings=256, **common)
     cls = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config}[family]
     return cls(num_hidden_layers=layers, hidden_size=hidden, num_attention_heads=heads,
                num_key_value_heads=kv_heads, intermediate_size=ffn, head_dim=head_dim,
@@ -103,19 +118,27 @@ def kill_head(model, layer: int, head: int) -> None:
     s = a.shape(model.config)
     assert s.kv_heads == s.heads
     block = a.blocks(model)[layer]
-    rows = slice(head * s.head_dim, (head + 1) * s.head_dim)
-    if a.family == "gpt2":
-        offset = 2 * s.heads * s.head_dim
-        zero_rows(block.attn.c_attn, slice(offset + rows.start, offset + rows.stop))
-    else:
-        zero_rows(block.self_attn.v_proj, rows)
+    d = s.head_dim
+    # The layer holding the head's values, and where they start in its output.
+    module, start = {
+        "gpt2": lambda: (block.attn.c_attn, 2 * s.heads * d + head * d),  # q|k|v
+        "phi3": lambda: (block.self_attn.qkv_proj, (s.heads + s.kv_heads) * d + head * d),
+        "gpt_neox": lambda: (block.attention.query_key_value, head * 3 * d + 2 * d),  # per head
+    }.get(a.family, lambda: (block.self_attn.v_proj, head * d))()
+    zero_rows(module, slice(start, start + d))
 
 
 def kill_neuron(model, layer: int, neuron: int) -> None:
-    """Zero the neuron's up projection (GPT-2: c_fc): act(gate) * 0 = 0, gelu(0) = 0."""
+    """Zero the neuron's up projection: act(gate) * 0 = 0; gelu(0) = relu(0) = 0 without a gate."""
     a = arch_mod.for_model(model)
     block = a.blocks(model)[layer]
-    zero_rows(block.mlp.c_fc if a.family == "gpt2" else block.mlp.up_proj, [neuron])
+    module, row = {
+        "gpt2": lambda: (block.mlp.c_fc, neuron),
+        "phi3": lambda: (block.mlp.gate_up_proj, a.shape(model.config).ffn + neuron),  # gate|up
+        "gpt_neox": lambda: (block.mlp.dense_h_to_4h, neuron),
+        "opt": lambda: (block.fc1, neuron),
+    }.get(a.family, lambda: (block.mlp.up_proj, neuron))()
+    zero_rows(module, [row])
 
 
 def kill_channel_readout(model, channel: int) -> None:

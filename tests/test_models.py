@@ -6,7 +6,7 @@ from transformers import AutoModelForCausalLM, BertConfig, BertForMaskedLM
 
 from compact import arch, models
 from compact.errors import UserError
-from tests.helpers import FAMILIES
+from tests.helpers import FAMILIES, LEARNED_POSITIONS, MHA_ONLY
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -15,7 +15,7 @@ def test_tiny_checkpoint_loads_with_shape(family, tiny_checkpoint, make_model):
     assert loaded.arch.family == family
     s = loaded.shape
     assert (s.layers, s.hidden, s.ffn, s.heads) == (4, 64, 128, 4)
-    assert s.kv_heads == (4 if family == "gpt2" else 2)
+    assert s.kv_heads == (4 if family in MHA_ONLY else 2)
     assert s.params == sum(p.numel() for p in loaded.model.parameters())
     assert loaded.info()["params"] == s.params
     assert json.loads((tiny_checkpoint(family) / "compact.json").read_text())["source"] == "test"
@@ -35,7 +35,7 @@ def test_adapter_names_every_block_part(family, make_model):
     assert arch.weight_oi(a.mlp_out(block)).shape == (s.hidden, s.ffn)
     assert all(n.weight.shape == (s.hidden,) for n in a.block_norms(block))
     assert a.embed(model).weight.shape == (s.vocab, s.hidden)
-    assert (a.pos_embed(model) is not None) == (family == "gpt2")
+    assert (a.pos_embed(model) is not None) == (family in LEARNED_POSITIONS)
 
 
 @pytest.mark.slow

@@ -13,7 +13,7 @@ from compact import arch as arch_mod
 from compact import importance, models, prune
 from compact.arch import weight_oi
 from compact.errors import UserError
-from tests.helpers import FAMILIES, calib, calib_text, make_identity, run_cli, zero_rows
+from tests.helpers import FAMILIES, MHA_ONLY, calib, calib_text, make_identity, run_cli, zero_rows
 
 ATOL = 1e-5
 
@@ -68,7 +68,7 @@ def with_kept_channel_norms(model, kept: list[int]):
     for parent in list(ref.modules()):
         for name, child in list(parent.named_children()):
             if id(child) in targets:
-                setattr(parent, name, KeptChannelsNorm(child, kept_t, a.family == "gpt2"))
+                setattr(parent, name, KeptChannelsNorm(child, kept_t, isinstance(child, nn.LayerNorm)))
     return ref
 
 
@@ -90,7 +90,7 @@ def test_zeroed_heads_and_neurons_prune_exactly(family, make_model, tokenizer):
     s = a.shape(model.config)
     scores = fake_scores(model)
     # GQA (2 groups of 2): one dead query head per group. GPT-2 (MHA): one dead head.
-    dead_heads = [1] if family == "gpt2" else [1, 2]
+    dead_heads = [1] if s.kv_heads == s.heads else [1, 2]
     dead_neurons = [3, 40, 41, 100]
     for i, block in enumerate(a.blocks(model)):
         for h in dead_heads:  # the head's columns of the output projection
@@ -105,7 +105,7 @@ def test_zeroed_heads_and_neurons_prune_exactly(family, make_model, tokenizer):
     pruned, plan = prune.trim_with_plan(model, scores, heads=heads, ffn=s.ffn - len(dead_neurons))
     assert all(sorted(set(range(s.heads)) - set(k)) == dead_heads for k in plan.heads)
     reference = model
-    if family == "gpt2":  # GPT-2 ties hidden to heads x head_dim: channels go too
+    if a.hidden_tied_to_heads:  # hidden = heads x head_dim: channels go too
         assert plan.shape.hidden == heads * s.head_dim
         reference = with_kept_channel_norms(model, plan.channels)
     torch.testing.assert_close(logits(pruned, ids), logits(reference, ids), atol=ATOL, rtol=0)
@@ -114,14 +114,15 @@ def test_zeroed_heads_and_neurons_prune_exactly(family, make_model, tokenizer):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_channel_pruning_equals_norms_over_kept_channels(family, make_model, tokenizer):
     model = make_model(family)
+    tied_to_heads = arch_mod.for_model(model).hidden_tied_to_heads
     s = arch_mod.for_model(model).shape(model.config)
     hidden = 48
-    heads = hidden // s.head_dim if family == "gpt2" else None
+    heads = hidden // s.head_dim if tied_to_heads else None
     pruned, plan = prune.trim_with_plan(model, fake_scores(model, seed=3), hidden=hidden, heads=heads)
     assert len(plan.channels) == hidden and plan.channels != list(range(hidden))
     ids = calib(len(tokenizer), n=2)
     reference = with_kept_channel_norms(model, plan.channels)
-    if family == "gpt2":  # a head went with the channels: silence it in the reference
+    if tied_to_heads:  # a head went with the channels: silence it in the reference
         ra = arch_mod.for_model(reference)
         for block, kept in zip(ra.blocks(reference), plan.heads, strict=True):
             for h in set(range(s.heads)) - set(kept):
@@ -185,7 +186,7 @@ def test_saved_checkpoint_reloads_with_same_logits_and_params(family, make_model
     model = make_model(family)
     ids = calib(len(tokenizer), n=3)
     scores = importance.estimate(model, ids, batch_size=3)
-    targets = dict(layers=3, ffn=96, heads=2, hidden=32) if family == "gpt2" else \
+    targets = dict(layers=3, ffn=96, heads=2, hidden=32) if family in MHA_ONLY else \
         dict(layers=3, ffn=96, heads=2, hidden=40)
     loaded = models.Loaded(model, tokenizer, arch_mod.for_model(model), "tiny")
     summary = prune.prune_and_save(loaded, scores, tmp_path / "out", **targets)
