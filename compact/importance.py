@@ -206,11 +206,17 @@ def estimate(model, blocks: torch.Tensor, batch_agg: str = "l2", seq_agg: str = 
             stat.add(_seq_reduce(per_head, seq_agg))
         return hook
 
+    batch_now = [0]  # blocks in the running forward pass
+
+    def per_block(x: torch.Tensor) -> torch.Tensor:
+        """(batch, seq, n); OPT flattens batch and sequence into rows around its MLP."""
+        return x.view(batch_now[0], -1, x.shape[-1]) if x.dim() == 2 else x
+
     def on_input(stat):
-        return lambda module, args: stat.add(_seq_reduce(args[0], seq_agg))
+        return lambda module, args: stat.add(_seq_reduce(per_block(args[0]), seq_agg))
 
     def on_output(stat):
-        return lambda module, args, output: stat.add(_seq_reduce(_hidden_out(output), seq_agg))
+        return lambda module, args, output: stat.add(_seq_reduce(per_block(_hidden_out(output)), seq_agg))
 
     def on_block(index):
         def hook(module, args, kwargs, output):
@@ -236,7 +242,9 @@ def estimate(model, blocks: torch.Tensor, batch_agg: str = "l2", seq_agg: str = 
         for b, start in enumerate(range(0, len(blocks), batch_size)):
             if should_stop is not None and should_stop():
                 raise Cancelled("importance estimation cancelled")
-            model(input_ids=blocks[start: start + batch_size].to(device), use_cache=False)
+            batch = blocks[start: start + batch_size]
+            batch_now[0] = len(batch)
+            model(input_ids=batch.to(device), use_cache=False)
             if progress is not None:
                 progress((b + 1) / n_batches / passes, f"importance: batch {b + 1}/{n_batches}")
     finally:

@@ -45,9 +45,9 @@ def tiny_config(family: str, vocab: int, layers: int = 4, hidden: int = 64, head
     if family == "gpt_neox":  # parallel residual and partial rotary (1/4 of head_dim) by default
         return GPTNeoXConfig(num_hidden_layers=layers, hidden_size=hidden, num_attention_heads=heads,
                              intermediate_size=ffn, max_position_embeddings=256, **common)
-    if family == "opt":
+    if family == "opt":  # init_std: at 0.02 the random biases swamp the tokens, most ReLUs never fire
         return OPTConfig(num_hidden_layers=layers, hidden_size=hidden, num_attention_heads=heads,
-                         ffn_dim=ffn, max_position_embeddings=256, dropout=0.0, **common)
+                         ffn_dim=ffn, max_position_embeddings=256, dropout=0.0, init_std=0.2, **common)
     if family == "phi3":  # head_dim = hidden / heads, as Phi3Config derives it
         return Phi3Config(num_hidden_layers=layers, hidden_size=hidden, num_attention_heads=heads,
                           num_key_value_heads=kv_heads, intermediate_size=ffn,
