@@ -104,8 +104,9 @@ class GPTNeoX(Arch):
 
 class OPT(Arch):
     """OPT: separate q/k/v with biases, fc1/fc2, LayerNorms, learned positions stored with an
-    offset of 2 rows. Pre-norm checkpoints (do_layer_norm_before) with the final layer norm;
-    OPT-350m's layout (post-norm, projected embeddings) is refused."""
+    offset of 2 rows. Pre-norm checkpoints (do_layer_norm_before) with the final layer norm
+    prune; OPT-350m's layout (post-norm, projected embeddings) is marked unprunable (its Shape
+    then leaves out the projections)."""
 
     family = "opt"
     model_types = ("opt",)
@@ -167,17 +168,17 @@ class OPT(Arch):
         return config
 
     def shape(self, config) -> Shape:
-        self._check(config)
         heads, bias = config.num_attention_heads, bool(config.enable_bias)
         return Shape(layers=config.num_hidden_layers, hidden=config.hidden_size, ffn=config.ffn_dim,
                      heads=heads, kv_heads=heads, head_dim=config.hidden_size // heads,
                      vocab=config.vocab_size, tied=bool(config.tie_word_embeddings),
                      gated_mlp=False, qkv_bias=bias, o_bias=bias, mlp_bias=bias, norm_bias=True,
-                     positions=config.max_position_embeddings + 2)  # the 2 offset rows
+                     positions=config.max_position_embeddings + 2,  # the 2 offset rows
+                     unprunable=self._unprunable(config))
 
     @staticmethod
-    def _check(config) -> None:
-        """Refuse the OPT variants whose parts the pruning rules above do not describe."""
+    def _unprunable(config) -> str:
+        """Why the pruning rules above do not describe this OPT variant ("" if they do)."""
         why = []
         if (config.word_embed_proj_dim or config.hidden_size) != config.hidden_size:
             why.append(f"its embeddings ({config.word_embed_proj_dim}) are projected to the "
@@ -188,9 +189,10 @@ class OPT(Arch):
             why.append("it has no final layer norm")
         if not config.layer_norm_elementwise_affine:
             why.append("its layer norms have no weights")
-        if why:
-            raise UserError("compact can prune pre-norm OPT models (such as facebook/opt-125m, "
-                            "-1.3b) only, not this one: " + "; ".join(why))
+        if not why:
+            return ""
+        return ("compact can prune pre-norm OPT models (such as facebook/opt-125m or -1.3b) only, "
+                "not this one: " + "; ".join(why))
 
 
 for _cls in (Phi3, GPTNeoX, OPT):

@@ -187,6 +187,8 @@ def estimate(model, blocks: torch.Tensor, batch_agg: str = "l2", seq_agg: str = 
     batch_size = max(1, int(batch_size))
     arch = arch_mod.for_model(model)
     shape = arch.shape(model.config)
+    if shape.unprunable:
+        raise UserError(shape.unprunable)
     layers = list(arch.blocks(model))
     device = next(model.parameters()).device
     model.eval()

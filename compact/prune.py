@@ -4,11 +4,13 @@ The result is an ordinary checkpoint of the same family: every layer keeps the s
 heads, neurons and channels, so the config only changes its sizes. Rules:
 - channels: the `hidden` channels with the highest score (summed over the kept layers' norms
   and the final norm) are kept in every matrix that reads or writes the residual stream, every
-  norm, the embeddings (GPT-2: positions too) and the LM head (tied stays tied);
+  norm, the embeddings (GPT-2, OPT: positions too) and the LM head (tied stays tied);
+- fused matrices (GPT-2's and Phi-3's q|k|v, Phi-3's gate|up, GPT-NeoX's per-head q,k,v) are
+  sliced part by part, each part by its own axis (the adapter's block_axes names the layout);
 - heads: GQA keeps every KV group and the best `heads / kv_heads` query heads inside each group;
   multi-head attention (kv_heads == heads) keeps the best heads with their own K and V;
-- GPT-2 computes head_dim = n_embd / n_head, so head_dim stays fixed and hidden = heads x
-  head_dim: a heads target implies the hidden size and the other way round (both given must
+- GPT-2, GPT-NeoX and OPT compute head_dim = hidden / heads, so head_dim stays fixed and
+  hidden = heads x head_dim: a heads target implies the hidden size and the other way round (both given must
   agree); the residual channels and the heads are still chosen by their own scores;
 - depth: drop the layers with the lowest Block Importance (or loss increase), or a given list.
 Kept indices stay in their original order. The source model is left unchanged.

@@ -32,6 +32,9 @@ class Shape:
     hidden_divisible_by_heads: bool = False
     # Phi-3's long-context RoPE checks its factor lists against hidden // heads, not head_dim.
     head_dim_from_hidden: bool = False
+    # Why Minitron cannot trim this model at all (a layout the adapter has no rules for, such
+    # as OPT-350m's projected embeddings); "" when it can. Every other command still works.
+    unprunable: str = ""
 
     def with_targets(self, layers=None, hidden=None, ffn=None, heads=None) -> Shape:
         """The shape after pruning to the given targets (None keeps an axis)."""
@@ -57,6 +60,8 @@ class Shape:
 
 def shape_error(s: Shape) -> str | None:
     """Why a target shape cannot be saved as an ordinary checkpoint, or None if it can."""
+    if s.unprunable:
+        return s.unprunable
     if min(s.layers, s.hidden, s.ffn, s.heads, s.kv_heads) <= 0:
         return "every axis must be positive"
     if s.heads % s.kv_heads:

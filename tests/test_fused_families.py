@@ -123,9 +123,14 @@ def test_phi3_long_context_rope_keeps_hidden_per_head(tokenizer, tmp_path):
 ])
 def test_opt_layouts_without_pruning_rules_are_refused(change, message):
     cfg = OPTConfig(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                    ffn_dim=128, **change)
+                    ffn_dim=128, pad_token_id=1, **change)
+    shape = arch_mod.for_config(cfg).shape(cfg)  # the model card still reads the shape
     with pytest.raises(UserError, match=message):
-        arch_mod.for_config(cfg).shape(cfg)
+        prune.resolve_targets(shape)  # before any slow pass
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    with pytest.raises(UserError, match="opt-125m"):
+        importance.estimate(model, calib(100, n=1))
+    assert model(input_ids=calib(100, n=1)).logits.shape == (1, 24, 100)  # it runs, unpruned
 
 
 def test_gpt_neox_sequential_residual_prunes_like_parallel(make_model, tokenizer, tmp_path):
