@@ -62,8 +62,9 @@ def test_importance_scores_have_the_model_shape(flow):
     assert summary["channels"] == [576] and summary["channels_per_layer"] == [30, 576]
     assert summary["layers_bi"] == [30] and summary["layers_ppl"] is None
     assert summary["meta"]["samples"] == 4 and summary["meta"]["seq_len"] == 64
-    saved = status.split("`")[1]
-    assert Path(saved).is_file()
+    # named as the pickers name it, in the session's folder beside the pruned model
+    saved = Path(flow["pruned"]["out"]).parent / status.split("**")[1]
+    assert saved.suffix == ".safetensors" and saved.is_file() and "Next:" in status
     assert all(f is not None for f in figures)
 
 
@@ -149,9 +150,9 @@ def test_sparsify_ast_with_slorb_and_margin(client):
     assert result["pattern_ok"] is True and result["sparsity"] == pytest.approx(0.5, abs=1e-3)
     assert (Path(result["out"]) / "slorb.safetensors").is_file()
     assert math.isfinite(result["canonical"]["ppl_after"])
-    # mask flips per block at the one mask update (step 2), and the decay schedule under it
+    # mask flips per block at the one mask update (after 2 steps, so in step 3), and the decay under it
     heatmap, decay = json.loads(flips["plot"])["data"]
-    assert heatmap["type"] == "heatmap" and heatmap["x"] == [2]
+    assert heatmap["type"] == "heatmap" and heatmap["x"] == [3]
     assert plot_array(heatmap["z"]).shape == (30, 1) and len(decay["y"]) == 4
 
 

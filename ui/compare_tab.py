@@ -8,6 +8,7 @@ original's text, and its per-token divergence shows where it parts from the orig
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import gradio as gr
@@ -87,7 +88,9 @@ def _parts(original_run, loaded, result: dict) -> list[tuple[str, float | None]]
     except UserError as e:  # another vocabulary: say so in place of the shading
         return [(str(e), None)]
     tokens = [original.tokenizer.decode([t]) for t in ids[start:]]
-    return [(t, round(divergence.shade(kl), 3)) for t, kl in zip(tokens, parted["kl"], strict=True)]
+    # floored, not rounded, to 3 places: a shade stays below 1 however far apart the models are
+    return [(t, math.floor(divergence.shade(kl) * 1000) / 1000)
+            for t, kl in zip(tokens, parted["kl"], strict=True)]
 
 
 def _first_difference(parted: dict | None, greedy: bool) -> str | None:

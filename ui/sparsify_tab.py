@@ -49,6 +49,8 @@ def mask_plot(result: dict | None, name: str | None):
     if not result or not name:
         return gr.skip()
     model = st.CACHE.get(result["out"]).model
+    if name not in sparsity.target_linears(model):
+        raise gr.Error(f"Weight: '{name}' is not one of this model's sparsified weights")
     n, m = sparsity.parse_pattern(result["pattern"])
     return plots.weight_mask(weight_oi(model.get_submodule(name)), name, n, m)
 
@@ -190,7 +192,9 @@ def build(ctx: Ctx) -> None:
         gr.Markdown("**The mask.** One weight of the result, its first 128 outputs x 128 inputs: kept "
                     "weights coloured by |w|, pruned ones empty. Under N:M every group of M neighbouring "
                     "inputs in a row keeps N; zoom in (drag a box) to see single groups. Pick any weight.")
-        weight = gr.Dropdown([], value=None, label="Weight", elem_id="sparsify-weight")
+        # custom values: the choices arrive only after a job, and the API may name any weight
+        weight = gr.Dropdown([], value=None, allow_custom_value=True, label="Weight",
+                             elem_id="sparsify-weight")
         per_layer = gr.Plot(plots.empty("The mask of one weight appears here after a run"), label="Mask")
         with gr.Row():
             loss = gr.Plot(plots.empty("AST loss"), label="AST loss")
