@@ -136,6 +136,12 @@ def _stop_point(should_stop) -> None:
         raise Cancelled("experiment stopped between arms")
 
 
+def _arm(on_event, k: int, n: int, name: str) -> None:
+    """Announce arm k of n, so that the progress bar and its message span the whole experiment."""
+    if on_event is not None:
+        on_event({"kind": "arm", "arm": k, "arms": n, "name": name})
+
+
 def _write(out: Path, name: str, rows: list[dict], columns: list[str], extra: dict) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     if any("canonical_ppl" in r for r in rows):
@@ -168,8 +174,11 @@ def axis_ablation(cfg: ExperimentConfig, on_event=None, should_stop=None, arms=N
     out = Path(cfg.out)
     rows = [{"arm": "original", **_shape_cols(base), "loss_before": evaluate.loss_on(teacher.model, val),
              "loss_after": None, **_canonical(cfg, cfg.model, teacher)}]
-    for arm, axes in (arms or AXIS_ARMS).items():
+    arms = arms or AXIS_ARMS
+    n_arms = len(arms) + 1  # and the random-init arm
+    for k, (arm, axes) in enumerate(arms.items(), 1):
         _stop_point(should_stop)
+        _arm(on_event, k, n_arms, arm)
         try:
             targets = solve_targets(base, axes, budget)
         except UserError as e:  # e.g. attention alone is too small a share to cut that much
@@ -189,6 +198,7 @@ def axis_ablation(cfg: ExperimentConfig, on_event=None, should_stop=None, arms=N
         rows.append(row)
     # The same shape as the all-width arm, from random initialization, same budget.
     _stop_point(should_stop)
+    _arm(on_event, n_arms, n_arms, "random init")
     targets = solve_targets(base, AXIS_ARMS["width (all)"], budget)
     torch.manual_seed(cfg.seed)
     random_model = prune.trim(copy.deepcopy(teacher.model), scores, **targets)
@@ -227,8 +237,10 @@ def kd_vs_ce(cfg: ExperimentConfig, on_event=None, should_stop=None) -> dict:
     pruned = prune.trim(copy.deepcopy(teacher.model), scores, **targets)
     before = evaluate.loss_on(pruned, val)
     rows = []
-    for arm, kd, ce in (("logit distillation (KL)", 1.0, 0.0), ("cross-entropy only", 0.0, 1.0)):
+    recipes = (("logit distillation (KL)", 1.0, 0.0), ("cross-entropy only", 0.0, 1.0))
+    for k, (arm, kd, ce) in enumerate(recipes, 1):
         _stop_point(should_stop)
+        _arm(on_event, k, len(recipes), arm)
         arm_dir = Path(cfg.out) / ("kd" if kd else "ce")
         student = copy.deepcopy(pruned)
         with runs.track("experiment:kd-vs-ce", cfg.model, {"arm": arm, **targets},
@@ -254,8 +266,10 @@ def sparse_methods(cfg: ExperimentConfig, on_event=None, should_stop=None, slorb
     val = _blocks(dense, cfg, "validation", cfg.eval_tokens)
     rows = [{"method": "dense", "loss": evaluate.loss_on(dense.model, val), "pattern_ok": None,
              **_canonical(cfg, cfg.model, dense)}]
-    for method in sparsity.ONE_SHOT:
+    n_arms = len(sparsity.ONE_SHOT) + 2  # and AST with and without SLoRB
+    for k, method in enumerate(sparsity.ONE_SHOT, 1):
         _stop_point(should_stop)
+        _arm(on_event, k, n_arms, method)
         with runs.track("experiment:sparse", cfg.model, {"method": method}, session=cfg.session,
                         **_lineage(cfg)) as run:
             model = copy.deepcopy(dense.model)
@@ -267,8 +281,9 @@ def sparse_methods(cfg: ExperimentConfig, on_event=None, should_stop=None, slorb
             run.counts(sparsity.param_counts(model))
         rows.append(row)
         del model
-    for label, k in (("AST", 0), (f"AST + SLoRB (k={slorb_k})", slorb_k)):
+    for i, (label, k) in enumerate((("AST", 0), (f"AST + SLoRB (k={slorb_k})", slorb_k)), n_arms - 1):
         _stop_point(should_stop)
+        _arm(on_event, i, n_arms, label)
         arm_dir = Path(cfg.out) / ("ast" if not k else "ast_slorb")
         with runs.track("experiment:sparse", cfg.model, {"method": label}, artifact=str(arm_dir),
                         session=cfg.session, **_lineage(cfg)) as run:

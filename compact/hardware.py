@@ -76,3 +76,22 @@ def summary(dev: Device) -> str:
         where = dev.name
     ok, why = sparse_kernels(dev)
     return f"{where}: {dtype}; " + ("2:4 sparse kernels available" if ok else why)
+
+
+# The app's starting sizes by device. On a CPU (a 2-vCPU Space, a laptop) each click with the default
+# model answers in about a minute: importance 8 x 128 tokens, 4,096 distillation tokens (65,536, the
+# command line's default, took about 11 minutes on a 2-vCPU Space). On a GPU the same clicks take
+# seconds, so the sizes scale up toward the command line's. Every field stays editable.
+APP_SIZES = {
+    "cpu": {"importance_samples": 8, "importance_seq_len": 128, "train_tokens": 4096,
+            "sparsify_samples": 8, "experiment_tokens": 1024, "experiment_samples": 8,
+            "experiment_eval_tokens": 1024},
+    "cuda": {"importance_samples": 64, "importance_seq_len": 512, "train_tokens": 65536,
+             "sparsify_samples": 128, "experiment_tokens": 16384, "experiment_samples": 32,
+             "experiment_eval_tokens": 4096},
+}
+
+
+def app_sizes(dev: Device) -> dict:
+    """The app's default job sizes for this device (APP_SIZES)."""
+    return APP_SIZES["cuda" if dev.is_cuda else "cpu"]

@@ -551,13 +551,30 @@ def describe(event: dict) -> str | None:
 
 
 def relay(on_event=None, progress=None) -> Callable[[dict], None]:
-    """One event sink: events to on_event as they are, steps to progress(fraction, message)."""
+    """One event sink: events to on_event as they are, steps to progress(fraction, message).
+
+    An experiment announces each arm with an "arm" event; its steps then fill that arm's share
+    of one bar, and every message says which arm of how many is running."""
+    arm: dict = {}
 
     def emit(event: dict) -> None:
         if on_event is not None:
             on_event(event)
-        if progress is not None and event.get("kind") in ("step", "start", "teacher_correction"):
-            fraction = event["step"] / event["steps"] if event.get("kind") != "start" else 0.0
-            progress(fraction, describe(event))
+        if progress is None:
+            return
+        kind = event.get("kind")
+        if kind == "arm":
+            arm.update(event)
+            progress((event["arm"] - 1) / event["arms"], arm_label(arm))
+        elif kind in ("step", "start", "teacher_correction"):
+            fraction = event["step"] / event["steps"] if kind != "start" else 0.0
+            message = describe(event)
+            if arm:
+                fraction, message = (arm["arm"] - 1 + fraction) / arm["arms"], f"{arm_label(arm)}: {message}"
+            progress(fraction, message)
 
     return emit
+
+
+def arm_label(event: dict) -> str:
+    return f"arm {event['arm']} of {event['arms']} ({event['name']})"

@@ -6,6 +6,8 @@ Plain helpers live in tests/helpers.py; nothing imports this file.
 
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -14,6 +16,12 @@ from transformers import AutoTokenizer
 
 from compact import models
 from tests.helpers import tiny_model
+
+
+# The runs store is per user and outlives the suite: a store left by another compact (an older or
+# newer schema) must not decide a test, and tests must not write into the user's history. Set
+# before any test runs, so CLI and server subprocesses inherit it; model caches stay shared.
+os.environ["COMPACT_RUNS_DB"] = str(Path(tempfile.mkdtemp(prefix="compact-tests-")) / "runs.sqlite")
 
 
 def pytest_collection_modifyitems(config, items):

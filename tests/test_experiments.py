@@ -5,6 +5,7 @@ import pytest
 from compact import experiments, runs
 from compact.errors import UserError
 from compact.shapes import Shape, shape_error
+from compact.train import relay
 from tests.helpers import run_cli
 
 SMOLLM2 = Shape(layers=30, hidden=576, ffn=1536, heads=9, kv_heads=3, head_dim=64, vocab=49152,
@@ -48,7 +49,14 @@ def test_experiments_end_to_end_on_a_tiny_model(tiny_checkpoint, tmp_path, monke
                                        data=str(corpus), keep=0.995, tokens=64, seq_len=16, batch=2,
                                        samples=4, eval_tokens=64)
     arms = {"depth": ("layers",), "mlp": ("ffn",)}
-    result = experiments.axis_ablation(cfg, arms=arms)
+    bar = []  # (fraction, message) as a progress bar receives them: one bar over every arm
+    result = experiments.axis_ablation(cfg, arms=arms, on_event=relay(None, lambda f, m: bar.append((f, m))))
+    fractions = [f for f, _ in bar]
+    assert fractions == sorted(fractions) and 0 <= fractions[0] and fractions[-1] == 1.0
+    assert [m for f, m in bar if m.endswith(")")] == ["arm 1 of 3 (depth)", "arm 2 of 3 (mlp)",
+                                                      "arm 3 of 3 (random init)"]
+    assert all(m.startswith("arm ") for _, m in bar)
+    assert any(m.startswith("arm 2 of 3 (mlp): step ") and 1 / 3 < f <= 2 / 3 for f, m in bar)
     rows = {r["arm"]: r for r in result["rows"]}
     assert set(rows) == {"original", "depth", "mlp", "random init (width shape)"}
     assert rows["depth"]["layers"] < 4 and rows["mlp"]["ffn"] < 128 and rows["mlp"]["layers"] == 4

@@ -62,3 +62,19 @@ def test_semi_structured_on_cpu_gives_the_reason(make_model):
     sparsity.one_shot(model, "magnitude")
     with pytest.raises(UserError, match="need a CUDA GPU"):
         sparsity.to_semi_structured(model)
+
+
+def test_app_sizes_are_small_on_a_cpu_and_the_command_lines_on_a_gpu():
+    from compact import experiments, importance, sparsify, train
+    from compact.options import default
+
+    cpu, gpu = hardware.app_sizes(CPU), hardware.app_sizes(H100)
+    assert set(cpu) == set(gpu) and all(cpu[k] <= gpu[k] for k in cpu)
+    # the CPU sizes: each default click answers in about a minute
+    assert (cpu["importance_samples"], cpu["importance_seq_len"], cpu["train_tokens"]) == (8, 128, 4096)
+    # on a GPU the app starts where the command line does
+    assert gpu["train_tokens"] == default(train.TrainingOptions, "tokens")
+    assert gpu["importance_seq_len"] == default(importance.ImportanceConfig, "seq_len")
+    assert gpu["sparsify_samples"] == default(sparsify.SparsifyConfig, "samples")
+    assert gpu["experiment_tokens"] == default(experiments.ExperimentConfig, "tokens")
+    assert hardware.app_sizes(T4) == gpu

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from compact import models, scoreboard
+from compact import hardware, models, scoreboard
 from ui import state as st
 
 # Interactive events that run a model over many tokens in the server (importance, prune, compare)
@@ -26,6 +26,8 @@ QUICK = dict(concurrency_id="quick", concurrency_limit=st.SETTINGS.gpu_concurren
 LONG = dict(concurrency_id="workers", concurrency_limit=st.SETTINGS.workers) if st.SETTINGS.workers \
     else HEAVY
 DATA_CHOICES = ["builtin", "teacher"]
+# Job sizes the tabs start with, by this server's device (compact.hardware.APP_SIZES).
+SIZES = hardware.app_sizes(hardware.props(models.pick_device()))
 UPLOAD_TYPES = [".txt", ".jsonl"]
 
 try:  # ZeroGPU on Hugging Face Spaces: a GPU is attached only inside functions marked for it

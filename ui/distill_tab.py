@@ -21,6 +21,7 @@ from ui import state as st
 from ui.common import (
     DATA_CHOICES,
     LONG,
+    SIZES,
     Ctx,
     eval_note,
     job_buttons,
@@ -139,7 +140,7 @@ def build(ctx: Ctx) -> None:
             student = gr.Dropdown([], value=None, allow_custom_value=True, label="Student (pruned model)")
             src = gr.Dropdown(DATA_CHOICES, value="builtin", allow_custom_value=True, label="Data")
         with gr.Row():
-            tokens = gr.Number(value=d("tokens"), precision=0, minimum=1, label="Training tokens")
+            tokens = gr.Number(value=SIZES["train_tokens"], precision=0, minimum=1, label="Training tokens")
             seq_len = gr.Number(value=d("seq_len"), precision=0, minimum=2, label="Sequence length")
             batch = gr.Number(value=d("batch"), precision=0, minimum=1, label="Batch")
             lr = gr.Number(value=d("lr"), label="Learning rate")

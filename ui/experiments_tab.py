@@ -12,7 +12,7 @@ from compact.experiments import EXPERIMENTS, ExperimentConfig
 from compact.jobs import command_line
 from ui import jobs, lanes, plots
 from ui import state as st
-from ui.common import LONG, NEXT, Ctx, eval_note, follow_models, job_buttons, model_choices
+from ui.common import LONG, NEXT, SIZES, Ctx, eval_note, follow_models, job_buttons, model_choices
 
 ABOUT = {
     "axis-ablation": "Prune to the same parameter count along depth, MLP, attention, embedding "
@@ -79,11 +79,13 @@ def build(ctx: Ctx) -> None:
                                 label="Model", elem_id="exp-model")
             name = gr.Dropdown(list(EXPERIMENTS), value="axis-ablation", label="Experiment")
             keep = gr.Slider(0.3, 0.95, value=0.8, step=0.05, label="Parameters kept")
-            tokens = gr.Number(value=1024, precision=0, minimum=1, label="Training tokens per arm")
+            tokens = gr.Number(value=SIZES["experiment_tokens"], precision=0, minimum=1,
+                               label="Training tokens per arm")
             seq_len = gr.Number(value=128, precision=0, minimum=2, label="Sequence length")
             batch = gr.Number(value=4, precision=0, minimum=1, label="Batch")
-            samples = gr.Number(value=16, precision=0, minimum=1, label="Calibration samples")
-            eval_tokens = gr.Number(value=2048, precision=0, minimum=1,
+            samples = gr.Number(value=SIZES["experiment_samples"], precision=0, minimum=1,
+                                label="Calibration samples")
+            eval_tokens = gr.Number(value=SIZES["experiment_eval_tokens"], precision=0, minimum=1,
                                     label="Validation tokens of the arms' own loss columns")
             src = gr.Textbox(value="builtin", label="Data")
         jobs.fields(keep=keep)

@@ -15,6 +15,7 @@ from ui.common import (
     DATA_CHOICES,
     HEAVY,
     NEXT,
+    SIZES,
     Ctx,
     follow_models,
     gpu,
@@ -24,9 +25,9 @@ from ui.common import (
     upload_box,
 )
 
-# Smaller than the command line's defaults so that a click answers quickly on a CPU.
-DEFAULT_SAMPLES = 32
-DEFAULT_SEQ_LEN = 256
+# Smaller than the command line's defaults on a CPU, so that a click answers in about a minute.
+DEFAULT_SAMPLES = SIZES["importance_samples"]
+DEFAULT_SEQ_LEN = SIZES["importance_seq_len"]
 
 
 def figures(scores: importance.Scores | None, plan=None) -> tuple:

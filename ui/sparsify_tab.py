@@ -22,6 +22,7 @@ from ui import state as st
 from ui.common import (
     DATA_CHOICES,
     LONG,
+    SIZES,
     Ctx,
     eval_note,
     follow_models,
@@ -32,7 +33,7 @@ from ui.common import (
 )
 
 # Smaller than the command line's default so that a one-shot click answers quickly on a CPU.
-APP_SAMPLES = 32
+APP_SAMPLES = SIZES["sparsify_samples"]
 
 
 def weights(result: dict | None):
@@ -169,7 +170,7 @@ def build(ctx: Ctx) -> None:
                                 label="Tokens per sample")
         with gr.Accordion("AST training", open=False):
             with gr.Row():
-                tokens = gr.Number(value=default(SparsifyConfig, "tokens"), precision=0, minimum=1,
+                tokens = gr.Number(value=SIZES["train_tokens"], precision=0, minimum=1,
                                    label="Training tokens")
                 batch = gr.Number(value=default(SparsifyConfig, "batch"), precision=0, minimum=1,
                                   label="Batch")
