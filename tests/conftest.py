@@ -17,7 +17,6 @@ from transformers import AutoTokenizer
 from compact import models
 from tests.helpers import tiny_model
 
-
 # The runs store is per user and outlives the suite: a store left by another compact (an older or
 # newer schema) must not decide a test, and tests must not write into the user's history. Set
 # before any test runs, so CLI and server subprocesses inherit it; model caches stay shared.
