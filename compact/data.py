@@ -126,8 +126,16 @@ def hf_texts(spec: str) -> list[str]:
     return docs
 
 
-def teacher_texts(model, tokenizer, n_docs: int = 64, new_tokens: int = 256, seed: int = 0) -> list[str]:
-    """Text sampled from the model itself from varied openings, cached on disk."""
+# How much text the `teacher` source generates: 64 documents of 256 new tokens.
+TEACHER_DOCS, TEACHER_NEW_TOKENS = 64, 256
+
+
+def teacher_texts(model, tokenizer, n_docs: int | None = None, new_tokens: int | None = None, seed: int = 0,
+                  progress=None) -> list[str]:
+    """Text sampled from the model itself from varied openings, cached on disk.
+
+    Generating takes minutes on a CPU, so progress(fraction, message) hears of every batch."""
+    n_docs, new_tokens = n_docs or TEACHER_DOCS, new_tokens or TEACHER_NEW_TOKENS
     key = hashlib.sha256()
     for p in list(model.parameters())[:4]:
         key.update(p.detach().float().cpu().numpy().tobytes()[:4096])
@@ -139,6 +147,8 @@ def teacher_texts(model, tokenizer, n_docs: int = 64, new_tokens: int = 256, see
     device = next(model.parameters()).device
     docs = []
     for i in range(0, n_docs, 8):
+        if progress is not None:
+            progress(i / n_docs, f"generating teacher text: {i} of {n_docs} documents")
         prompts = [TEACHER_OPENINGS[(i + j) % len(TEACHER_OPENINGS)] for j in range(min(8, n_docs - i))]
         tokenizer.padding_side = "left"
         batch = tokenizer(prompts, return_tensors="pt", padding=True).to(device)
@@ -147,18 +157,20 @@ def teacher_texts(model, tokenizer, n_docs: int = 64, new_tokens: int = 256, see
             out = model.generate(**batch, max_new_tokens=new_tokens, do_sample=True, top_p=0.95,
                                  temperature=1.0, pad_token_id=tokenizer.pad_token_id)
         docs += tokenizer.batch_decode(out, skip_special_tokens=True)
+    if progress is not None:
+        progress(1.0, f"generated teacher text: {n_docs} documents")
     path.write_text("\n".join(json.dumps({"text": d}) for d in docs))
     return docs
 
 
-def texts(src: str, model=None, tokenizer=None) -> list[str]:
+def texts(src: str, model=None, tokenizer=None, progress=None) -> list[str]:
     src = (src or "").strip()
     if src == "builtin":
         return builtin_texts()
     if src == "teacher":
         if model is None:
             raise UserError("the 'teacher' source needs a loaded model")
-        return teacher_texts(model, tokenizer)
+        return teacher_texts(model, tokenizer, progress=progress)
     if src.startswith("hf:"):
         return hf_texts(src)
     path = Path(src).expanduser()
@@ -186,12 +198,12 @@ def _encode(docs: list[str], tokenizer) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
-def token_stream(src: str, tokenizer, model=None) -> torch.Tensor:
+def token_stream(src: str, tokenizer, model=None, progress=None) -> torch.Tensor:
     """All tokens of a source in order, documents separated by the EOS token."""
     src = (src or "").strip()
     if src == "builtin" or src.startswith("hf:"):
         return _stream_cached(src, tokenizer)
-    return _encode(texts(src, model, tokenizer), tokenizer)
+    return _encode(texts(src, model, tokenizer, progress), tokenizer)
 
 
 def split_region(stream: torch.Tensor, split: str) -> torch.Tensor:
@@ -208,9 +220,10 @@ MAX_TOKENS = 2**28
 
 
 def blocks(src: str, tokenizer, split: str, n_blocks: int | None, seq_len: int,
-           seed: int = 0, model=None) -> torch.Tensor:
+           seed: int = 0, model=None, progress=None) -> torch.Tensor:
     """n_blocks token blocks of seq_len from one split, shuffled by seed.
 
+    progress(fraction, message) hears how the `teacher` source's generation goes.
     The validation split is never repeated: asking for more than it holds returns all of it.
     Training and calibration wrap around with a new shuffle per pass, for long runs on a
     small corpus.
@@ -220,7 +233,7 @@ def blocks(src: str, tokenizer, split: str, n_blocks: int | None, seq_len: int,
     if n_blocks is not None and n_blocks * seq_len > MAX_TOKENS:
         raise UserError(f"{n_blocks * seq_len:,} tokens are more than one run may ask for "
                         f"(at most {MAX_TOKENS:,})")
-    region = split_region(token_stream(src, tokenizer, model), split)
+    region = split_region(token_stream(src, tokenizer, model, progress), split)
     available = len(region) // seq_len
     if available == 0:
         raise UserError(f"the {split} split of '{src}' holds {len(region)} tokens, "

@@ -268,7 +268,7 @@ def run(cfg: DistillConfig, hooks: TrainHooks | None = None, on_event=None, shou
     teacher, student = _load(cfg, loop, teacher, student)
     # Scored from disk before training: the output folder may be the student's own.
     before = scoreboard.score(cfg.student, load=cfg) if cfg.score and loop.main else None
-    blocks, val = _data(cfg, loop, teacher)
+    blocks, val = _data(cfg, loop, teacher, train.data_progress(emit))
     train.open_folder(loop)
     teacher_model = _teacher_model(cfg, loop, teacher, blocks, emit)
     teacher_was_training = teacher_model.training
@@ -315,12 +315,12 @@ def _load(cfg: DistillConfig, loop: train.Loop, teacher, student):
     return teacher, student
 
 
-def _data(cfg: DistillConfig, loop: train.Loop, teacher: models.Loaded):
+def _data(cfg: DistillConfig, loop: train.Loop, teacher: models.Loaded, progress=None):
     """The training blocks of the whole run (one fixed, seeded sequence) and validation blocks."""
     steps = train.plan_steps(loop)
     tok = teacher.tokenizer
     blocks = data.blocks(cfg.data, tok, "train", steps * loop.per_step, cfg.seq_len, cfg.seed,
-                         model=teacher.model)
+                         model=teacher.model, progress=progress)
     val = data.blocks(cfg.data, tok, "validation", max(1, cfg.eval_tokens // cfg.seq_len),
                       cfg.seq_len, cfg.seed, model=teacher.model) if cfg.eval_tokens else None
     return blocks, val

@@ -100,9 +100,12 @@ def solve_targets(shape: Shape, axes: tuple[str, ...], target_params: int, toler
     return best
 
 
-def _blocks(loaded, cfg: ExperimentConfig, split: str, tokens: int) -> torch.Tensor:
+def _blocks(loaded, cfg: ExperimentConfig, split: str, tokens: int, on_event=None) -> torch.Tensor:
+    from compact.train import data_progress
+
+    progress = data_progress(on_event) if on_event is not None else None
     return data.blocks(cfg.data, loaded.tokenizer, split, data.n_blocks_for(tokens, cfg.seq_len),
-                       cfg.seq_len, seed=cfg.seed, model=loaded.model)
+                       cfg.seq_len, seed=cfg.seed, model=loaded.model, progress=progress)
 
 
 def _distill(cfg: ExperimentConfig, teacher, student_model, out: Path, kd: float = 1.0, ce: float = 0.0,
@@ -168,7 +171,7 @@ def axis_ablation(cfg: ExperimentConfig, on_event=None, should_stop=None, arms=N
     teacher = models.load(cfg.model, device=cfg.device)
     base = teacher.shape
     budget = int(base.params * cfg.keep)
-    calib = _blocks(teacher, cfg, "calibration", cfg.samples * cfg.seq_len)
+    calib = _blocks(teacher, cfg, "calibration", cfg.samples * cfg.seq_len, on_event)
     val = _blocks(teacher, cfg, "validation", cfg.eval_tokens)
     scores = importance.estimate(teacher.model, calib, batch_size=cfg.batch)
     out = Path(cfg.out)
@@ -231,7 +234,7 @@ def kd_vs_ce(cfg: ExperimentConfig, on_event=None, should_stop=None) -> dict:
     teacher = models.load(cfg.model, device=cfg.device)
     base = teacher.shape
     targets = solve_targets(base, AXIS_ARMS["width (all)"], int(base.params * cfg.keep))
-    calib = _blocks(teacher, cfg, "calibration", cfg.samples * cfg.seq_len)
+    calib = _blocks(teacher, cfg, "calibration", cfg.samples * cfg.seq_len, on_event)
     val = _blocks(teacher, cfg, "validation", cfg.eval_tokens)
     scores = importance.estimate(teacher.model, calib, batch_size=cfg.batch)
     pruned = prune.trim(copy.deepcopy(teacher.model), scores, **targets)
@@ -262,7 +265,7 @@ def sparse_methods(cfg: ExperimentConfig, on_event=None, should_stop=None, slorb
     from compact import sparse_training, sparsity
 
     dense = models.load(cfg.model, device=cfg.device)
-    calib = _blocks(dense, cfg, "calibration", cfg.samples * cfg.seq_len)
+    calib = _blocks(dense, cfg, "calibration", cfg.samples * cfg.seq_len, on_event)
     val = _blocks(dense, cfg, "validation", cfg.eval_tokens)
     rows = [{"method": "dense", "loss": evaluate.loss_on(dense.model, val), "pattern_ok": None,
              **_canonical(cfg, cfg.model, dense)}]

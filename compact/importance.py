@@ -329,17 +329,17 @@ class CalibrationOptions:
     batch_agg: str = option("l2", "reduce each score over the batch", choices=AGGREGATIONS)
     seq_agg: str = option("mean", "reduce each score over the sequence", choices=AGGREGATIONS)
 
-    def calibration_blocks(self, loaded) -> torch.Tensor:
+    def calibration_blocks(self, loaded, progress: Progress | None = None) -> torch.Tensor:
         from compact import data
 
         if self.samples <= 0:
             raise UserError("--samples must be positive")
         return data.blocks(self.data, loaded.tokenizer, "calibration", self.samples, self.seq_len,
-                           model=loaded.model)
+                           model=loaded.model, progress=progress)
 
     def estimate(self, loaded, depth_ppl: bool = False, progress: Progress | None = None,
                  should_stop: StopCheck | None = None) -> Scores:
-        blocks = self.calibration_blocks(loaded)
+        blocks = self.calibration_blocks(loaded, progress)
         if progress is not None:
             progress(0.0, f"importance on {len(blocks)} blocks of {self.seq_len} tokens from {self.data}")
         scores = estimate(loaded.model, blocks, self.batch_agg, self.seq_agg, self.batch, depth_ppl,

@@ -81,7 +81,8 @@ def run(cfg: SparsifyConfig, progress=None, should_stop=None, on_event=None,
         spec = sparsity.ONE_SHOT[cfg.method]
         calib = None
         if spec.statistic is not None:
-            calib = data.blocks(cfg.data, dense.tokenizer, "calibration", cfg.samples, seq, model=dense.model)
+            calib = data.blocks(cfg.data, dense.tokenizer, "calibration", cfg.samples, seq, model=dense.model,
+                                progress=progress)
         work = student or dataclasses.replace(dense, model=copy.deepcopy(dense.model))
         report = sparsity.one_shot(work.model, cfg.method, n, m, calib, batch_size=cfg.batch,
                                    progress=lambda f, msg: progress(0.05 + 0.8 * f, msg),

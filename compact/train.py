@@ -563,7 +563,12 @@ def relay(on_event=None, progress=None) -> Callable[[dict], None]:
         if progress is None:
             return
         kind = event.get("kind")
-        if kind == "arm":
+        if kind == "data":  # the data source's own progress (the teacher source generating)
+            fraction, message = event["fraction"], event["message"]
+            if arm:
+                fraction, message = (arm["arm"] - 1 + fraction) / arm["arms"], f"{arm_label(arm)}: {message}"
+            progress(fraction, message)
+        elif kind == "arm":
             arm.update(event)
             progress((event["arm"] - 1) / event["arms"], arm_label(arm))
         elif kind in ("step", "start", "teacher_correction"):
@@ -574,6 +579,11 @@ def relay(on_event=None, progress=None) -> Callable[[dict], None]:
             progress(fraction, message)
 
     return emit
+
+
+def data_progress(emit: Callable[[dict], None]) -> Callable[[float, str], None]:
+    """progress(fraction, message) for compact.data, as "data" events through an event sink."""
+    return lambda fraction, message: emit({"kind": "data", "fraction": fraction, "message": message})
 
 
 def arm_label(event: dict) -> str:

@@ -106,7 +106,28 @@ def test_bad_block_requests(tokenizer, tmp_path):
 def test_teacher_source_generates_and_caches(make_model, tokenizer, monkeypatch, tmp_path):
     monkeypatch.setenv("COMPACT_HOME", str(tmp_path))
     model = make_model("llama")
-    docs = data.teacher_texts(model, tokenizer, n_docs=4, new_tokens=16)
-    assert len(docs) == 4 and all(docs)
+    heard = []  # what a progress bar hears while the teacher generates: every batch, then done
+    docs = data.teacher_texts(model, tokenizer, n_docs=12, new_tokens=16, progress=lambda *a: heard.append(a))
+    assert len(docs) == 12 and all(docs)
+    assert heard == [(0.0, "generating teacher text: 0 of 12 documents"),
+                     (8 / 12, "generating teacher text: 8 of 12 documents"),
+                     (1.0, "generated teacher text: 12 documents")]
     assert list((tmp_path / "teacher").glob("*.jsonl"))
-    assert data.teacher_texts(model, tokenizer, n_docs=4, new_tokens=16) == docs
+    assert data.teacher_texts(model, tokenizer, n_docs=12, new_tokens=16) == docs
+
+
+def test_teacher_progress_reaches_a_job_progress_bar(make_model, tokenizer, monkeypatch, tmp_path):
+    """blocks() passes it on, and a job's event sink turns it into progress (inside an experiment arm too)."""
+    from compact.train import data_progress, relay
+
+    monkeypatch.setenv("COMPACT_HOME", str(tmp_path))
+    monkeypatch.setattr(data, "TEACHER_NEW_TOKENS", 4)  # the real generation, shorter
+    bar, events = [], []
+    emit = relay(events.append, lambda f, m: bar.append((f, m)))
+    data.blocks("teacher", tokenizer, "train", 1, 2, model=make_model("llama"), progress=data_progress(emit))
+    assert [f for f, _ in bar] == [i / 8 for i in range(8)] + [1.0]  # 64 documents, 8 a batch
+    assert events[1] == {"kind": "data", "fraction": 1 / 8,
+                         "message": "generating teacher text: 8 of 64 documents"}
+    emit({"kind": "arm", "arm": 2, "arms": 4, "name": "mlp"})
+    data_progress(emit)(0.5, "half")
+    assert bar[-1] == (0.375, "arm 2 of 4 (mlp): half")
