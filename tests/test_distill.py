@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -12,7 +14,7 @@ from safetensors.torch import load_file
 from compact import distill, models
 from compact.arch import for_model
 from compact.errors import Cancelled
-from tests.helpers import FAMILIES, run_cli
+from tests.helpers import FAMILIES, ROOT, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -298,3 +300,34 @@ def test_cli_bad_inputs_exit_2_with_one_line(cli_files, case, message):
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], proc.stderr
+
+
+@pytest.mark.cli
+@pytest.mark.slow
+def test_two_process_ddp_on_cpu_equals_one_process_with_gradient_accumulation(cli_files, tmp_path):
+    """The README's way to scale, run here on two CPU processes (gloo): the repository's DDP config
+    with --num_processes 2. Two processes of batch 2 see the same blocks per step as one process of
+    batch 2 x grad-accum 2, and DDP's mean of two gradients equals accumulation's sum of halves bit
+    for bit (halving is exact), so the weights must be equal, not merely close."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    args = _distill_args(cli_files, one, "--batch", "2", "--grad-accum", "2", "--eval-tokens", "0")
+    single = run_cli(*args)
+    assert single.returncode == 0, single.stderr[-2000:]
+    launch = [sys.executable, "-m", "accelerate.commands.launch",
+              "--config_file", str(ROOT / "configs" / "accelerate_ddp.yaml"), "--num_processes", "2",
+              "--mixed_precision", "no", "--main_process_port", str(_free_port()), "-m", "compact",
+              *_distill_args(cli_files, two, "--batch", "2", "--eval-tokens", "0")]
+    double = subprocess.run(launch, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert double.returncode == 0, double.stderr[-2000:]
+    result = json.loads(double.stdout.strip().splitlines()[-1])
+    assert result["processes"] == 2 and result["steps"] == json.loads(single.stdout.splitlines()[-1])["steps"]
+    a, b = load_file(one / "model.safetensors"), load_file(two / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
