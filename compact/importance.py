@@ -360,6 +360,7 @@ def run(cfg: ImportanceConfig, progress: Progress | None = None, should_stop: St
     """The importance job: estimate every score on the calibration blocks, save them to cfg.out."""
 
     loaded = loaded or cfg.load(cfg.model)
+    loaded.require_minitron()  # before reading any calibration text
     scores = cfg.estimate(loaded, cfg.depth_ppl, progress, should_stop)
     path = scores.save(cfg.out)
     order = scores.layers_bi.argsort().tolist()
