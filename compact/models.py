@@ -29,7 +29,7 @@ from urllib.parse import urlparse
 import torch
 from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_FOR_MASKED_LM_MAPPING
 
 from compact import arch as arch_mod
 from compact import arch_generic, hardware
@@ -236,10 +236,10 @@ def _load_config(source: str, trust_remote_code: bool, local: bool):
 
 
 def _check_causal(config, trust_remote_code: bool) -> None:
-    """Refuse what AutoModelForCausalLM cannot load, and encoders it loads only as decoders
-    (BERT-like configs carry is_decoder; decoder-only ones do not)."""
+    """Refuse what AutoModelForCausalLM cannot load, and encoders (BERT-like: masked LMs) that it
+    loads as decoders only when their config says is_decoder."""
     remote = trust_remote_code and "AutoModelForCausalLM" in (getattr(config, "auto_map", None) or {})
-    encoder = getattr(config, "is_decoder", None) is False
+    encoder = type(config) in MODEL_FOR_MASKED_LM_MAPPING and not getattr(config, "is_decoder", False)
     if encoder or (not remote and type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING):
         raise UserError(f"unsupported architecture '{config.model_type}': not a causal language model "
                         "(compact loads any model that transformers' AutoModelForCausalLM loads)")
