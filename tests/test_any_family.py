@@ -270,3 +270,36 @@ def test_a_stablelm_gguf_loads_exactly_and_is_cached(tmp_path, monkeypatch):
     again = models.load(str(path), device="cpu")  # from the cache: no second conversion
     assert list((tmp_path / "home" / "models").iterdir()) == cached
     assert torch.equal(_logits(again.model, ids), _logits(source, ids))
+
+
+@pytest.mark.app
+@pytest.mark.slow
+def test_app_card_compare_and_refusals(tokenizer, tmp_path, text):
+    """The real server: the card says what a Falcon supports, Compare runs it beside its 2:4 copy,
+    Importance and Prune answer with the refusal as an error."""
+    from gradio_client import Client
+    from gradio_client.exceptions import AppError
+
+    from ui.server import serve
+
+    folder = tmp_path / "data" / "falcon"  # inside the app's allowed folders
+    models.save(_model(_config("falcon", len(tokenizer))), tokenizer, folder, {"source": "test"})
+    sparse = tmp_path / "data" / "falcon-2-4"
+    sparsify.run(sparsify.SparsifyConfig(model=str(folder), out=str(sparse), method="magnitude", data=text,
+                                         eval_tokens=0, device="cpu"))
+    with serve(tmp_path) as url:
+        client = Client(url, verbose=False)
+        card, info = client.predict(str(folder), api_name="/load")
+        assert info["family"] == "falcon" and info["adapter"] is False
+        assert "Minitron pruning: no (no adapter for falcon; supported: gpt2, gpt_neox, llama" in card
+        assert "2:4 sparsity, AST, distillation, generation, evaluation: yes" in card
+        result = client.predict(str(folder), str(sparse), None, None, "The capital of France is", 4, 0, 1, 0,
+                                False, False, api_name="/compare")  # no perplexity: its corpus is slow
+        rows = result[9]["models"]
+        assert [r["model"] for r in rows] == [str(folder), str(sparse)]
+        assert all(r["new_tokens"] == 4 for r in rows)
+        with pytest.raises(AppError, match="need a family adapter, and compact has none for 'falcon'"):
+            client.predict(str(folder), "builtin", 2, 32, "l2", "mean", False, api_name="/importance")
+        with pytest.raises(AppError, match="need a family adapter, and compact has none for 'falcon'"):
+            client.predict(2, 64, 256, 4, "bi", api_name="/prune")
+        assert client.predict(str(folder), "Hello", 2, 0, 0, False, api_name="/generate")[1]  # still serving
