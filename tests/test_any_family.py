@@ -101,7 +101,7 @@ def test_generic_blocks_and_targets_are_every_linear_in_the_blocks(checkpoint, t
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("method", ["magnitude", "wanda"])
+@pytest.mark.parametrize("method", list(sparsity.ONE_SHOT))
 def test_one_shot_two_four_reloads_in_plain_transformers(family, method, checkpoint, tokenizer, text,
                                                          tmp_path):
     folder, source = checkpoint(family)
