@@ -329,7 +329,7 @@ def check_head(loaded: models.Loaded) -> None:
         head = arch.lm_head(model)(arch.base(model)(input_ids=ids, use_cache=False).last_hidden_state)
     finally:
         model.train(was_training)
-    if not torch.allclose(logits.float(), head.float(), rtol=1e-3, atol=1e-3):
+    if not torch.allclose(logits.float(), head.float(), rtol=1e-2, atol=1e-2):  # bf16 on a GPU
         raise UserError(f"this {arch.family} model changes its logits after the LM head (soft-capping "
                         "or scaling), which distillation does not model; compact distills such a "
                         "family only with an adapter")
