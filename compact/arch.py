@@ -40,6 +40,8 @@ class Arch:
     model_types: tuple[str, ...] = ()
     # GPT-2 style attention derives head_dim = hidden / heads, tying the two axes.
     hidden_tied_to_heads = False
+    # Whether Minitron importance, pruning and search know this family (compact.arch_generic: no).
+    minitron = True
 
     def base(self, model):
         return model.model
@@ -76,6 +78,14 @@ class Arch:
     def block_norms(self, block) -> list[nn.Module]:
         """Norms that read the residual stream (their weights span the hidden size)."""
         return [block.input_layernorm, block.post_attention_layernorm]
+
+    def state_hook(self, block, sink):
+        """Hook handing sink(tensor) the block's intermediate state for distillation: the output
+        of its input norm, in the thread that registered it."""
+        def hook(_module, _args, out):
+            sink(out[0] if isinstance(out, tuple) else out)
+
+        return self.block_norms(block)[0].register_forward_hook(own_thread(hook))
 
     def linears(self, block) -> dict[str, nn.Module]:
         """Every weight matrix inside a transformer block, by qualified name."""

@@ -18,7 +18,6 @@ import torch
 from torch import nn
 
 from compact import data, losses, models, scoreboard, train
-from compact.arch import own_thread
 from compact.errors import Cancelled, UserError
 from compact.options import LoadOptions, option, options
 from compact.scoreboard import ScoreOptions
@@ -56,14 +55,11 @@ class DistillConfig(ScoreOptions, train.TrainingOptions):
 
 @contextlib.contextmanager
 def capture_norms(model, arch, blocks: list[int]):
-    """Collect the outputs of the input norms of the given blocks during a forward pass."""
+    """Collect the intermediate states of the given blocks during a forward pass (the outputs of
+    their input norms; a model without an adapter: the blocks' inputs)."""
     found: dict[int, torch.Tensor] = {}
-    handles = []
     all_blocks = arch.blocks(model)
-    for i in blocks:
-        norm = arch.block_norms(all_blocks[i])[0]
-        handles.append(norm.register_forward_hook(own_thread(
-            lambda _m, _a, out, i=i: found.__setitem__(i, out[0] if isinstance(out, tuple) else out))))
+    handles = [arch.state_hook(all_blocks[i], lambda out, i=i: found.__setitem__(i, out)) for i in blocks]
     try:
         yield found
     finally:
@@ -312,7 +308,31 @@ def _load(cfg: DistillConfig, loop: train.Loop, teacher, student):
     if student.model is teacher.model:
         raise UserError("the student must be its own copy of a model, not the teacher itself")
     check_compatible(teacher, student)
+    for loaded in (teacher, student):
+        check_head(loaded)
     return teacher, student
+
+
+@torch.no_grad()
+def check_head(loaded: models.Loaded) -> None:
+    """The losses take logits as the LM head applied to the base model's final states; a model
+    without an adapter is checked on a few tokens to really compute its logits that way (a family
+    that soft-caps or scales them after the head would be trained toward the wrong target)."""
+    if loaded.arch.minitron:
+        return  # the adapter families are known to
+    model, arch = loaded.model, loaded.arch
+    was_training = model.training
+    model.eval()
+    try:
+        ids = torch.arange(min(8, loaded.shape.vocab or 8), device=loaded.device)[None]
+        logits = model(input_ids=ids, use_cache=False).logits
+        head = arch.lm_head(model)(arch.base(model)(input_ids=ids, use_cache=False).last_hidden_state)
+    finally:
+        model.train(was_training)
+    if not torch.allclose(logits.float(), head.float(), rtol=1e-2, atol=1e-2):  # bf16 on a GPU
+        raise UserError(f"this {arch.family} model changes its logits after the LM head (soft-capping "
+                        "or scaling), which distillation does not model; compact distills such a "
+                        "family only with an adapter")
 
 
 def _data(cfg: DistillConfig, loop: train.Loop, teacher: models.Loaded, progress=None):

@@ -169,6 +169,7 @@ def axis_ablation(cfg: ExperimentConfig, on_event=None, should_stop=None, arms=N
     from compact import importance, prune
 
     teacher = models.load(cfg.model, device=cfg.device)
+    teacher.require_minitron()  # these arms prune
     base = teacher.shape
     budget = int(base.params * cfg.keep)
     calib = _blocks(teacher, cfg, "calibration", cfg.samples * cfg.seq_len, on_event)
@@ -232,6 +233,7 @@ def kd_vs_ce(cfg: ExperimentConfig, on_event=None, should_stop=None) -> dict:
     from compact import importance, prune
 
     teacher = models.load(cfg.model, device=cfg.device)
+    teacher.require_minitron()  # these arms prune
     base = teacher.shape
     targets = solve_targets(base, AXIS_ARMS["width (all)"], int(base.params * cfg.keep))
     calib = _blocks(teacher, cfg, "calibration", cfg.samples * cfg.seq_len, on_event)

@@ -25,7 +25,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from compact import arch as arch_mod
+from compact import arch_generic
 from compact.arch import own_thread
 from compact.errors import Cancelled, UserError
 from compact.options import LoadOptions, option
@@ -185,7 +185,7 @@ def estimate(model, blocks: torch.Tensor, batch_agg: str = "l2", seq_agg: str = 
     if blocks.dim() != 2 or len(blocks) == 0:
         raise UserError("importance needs at least one calibration block")
     batch_size = max(1, int(batch_size))
-    arch = arch_mod.for_model(model)
+    arch = arch_generic.minitron_adapter(model)
     shape = arch.shape(model.config)
     if shape.unprunable:
         raise UserError(shape.unprunable)
@@ -286,7 +286,7 @@ def layer_loss_increase(model, blocks: torch.Tensor, batch_size: int = 8,
     """(layers,) calibration loss with layer i skipped minus the full model's loss."""
     from compact.evaluate import loss_on
 
-    arch = arch_mod.for_model(model)
+    arch = arch_generic.minitron_adapter(model)
     layers = list(arch.blocks(model))
     base = loss_on(model, blocks, batch_size)
     out = torch.zeros(len(layers))
@@ -360,6 +360,7 @@ def run(cfg: ImportanceConfig, progress: Progress | None = None, should_stop: St
     """The importance job: estimate every score on the calibration blocks, save them to cfg.out."""
 
     loaded = loaded or cfg.load(cfg.model)
+    loaded.require_minitron()  # before reading any calibration text
     scores = cfg.estimate(loaded, cfg.depth_ppl, progress, should_stop)
     path = scores.save(cfg.out)
     order = scores.layers_bi.argsort().tolist()

@@ -15,6 +15,7 @@ rounding).
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import os
@@ -28,9 +29,10 @@ from urllib.parse import urlparse
 import torch
 from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_FOR_MASKED_LM_MAPPING
 
 from compact import arch as arch_mod
-from compact import hardware
+from compact import arch_generic, hardware
 from compact.errors import UserError
 from compact.paths import cache_dir
 
@@ -45,7 +47,8 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
 
 @dataclass
 class Loaded:
-    """A loaded model with its tokenizer and family adapter."""
+    """A loaded model with its tokenizer and family adapter (compact.arch_generic.Generic for a
+    family without one: everything but Minitron works)."""
 
     model: torch.nn.Module
     tokenizer: object
@@ -64,11 +67,32 @@ class Loaded:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    @property
+    def params(self) -> int:
+        """Parameter count: the adapter's exact count, else the model's own."""
+        if self.arch.minitron:
+            return self.shape.params
+        return sum(p.numel() for p in self.model.parameters())
+
+    def require_minitron(self) -> None:
+        """Refuse Minitron importance, pruning and search for a family without an adapter."""
+        arch_generic.require_minitron(self.arch)
+
+    def supports(self) -> dict:
+        """What compact can do with this model, in words for the model card."""
+        minitron = "yes" if self.arch.minitron else \
+            f"no (no adapter for {self.arch.family}; supported: {', '.join(sorted(arch_mod.FAMILIES))})"
+        if self.arch.minitron and self.shape.unprunable:
+            minitron = f"no ({self.shape.unprunable})"
+        return {"minitron": minitron, "generic": arch_generic.GENERIC_FEATURES}
+
     def info(self) -> dict:
         s = self.shape
         return {
             "ref": self.ref,
             "family": self.arch.family,
+            "adapter": self.arch.minitron,
+            "supports": self.supports(),
             "layers": s.layers,
             "hidden": s.hidden,
             "heads": s.heads,
@@ -123,10 +147,23 @@ def default_gguf() -> Path:
 def _default_folder() -> Path:
     """The default model as a cached safetensors checkpoint, converted on first use."""
     gguf = default_gguf()
-    folder = cache_dir("models") / f"{DEFAULT_NAME}-{gguf.stat().st_size}"
+    return _gguf_folder(gguf, cache_dir("models") / f"{DEFAULT_NAME}-{gguf.stat().st_size}")
+
+
+def gguf_cache(path: Path) -> Path:
+    """A .gguf file of any architecture transformers reads, as a cached safetensors checkpoint:
+    keyed by its path, size and modification time, so a changed file is converted again."""
+    path = path.resolve()
+    stat = path.stat()
+    key = hashlib.sha256(f"{path}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    return _gguf_folder(path, cache_dir("models") / f"{path.stem}-{key}")
+
+
+def _gguf_folder(gguf: Path, folder: Path) -> Path:
+    """folder, holding gguf dequantized (float32, exact) with its tokenizer; made on first use."""
     if not (folder / "model.safetensors").exists():
         model, tok = _load_gguf(gguf, torch.float32)
-        tmp = folder.with_name(folder.name + ".tmp")
+        tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         save(model, tok, tmp, {"source": f"{gguf.name} (dequantized)"})
         tmp.rename(folder) if not folder.exists() else shutil.rmtree(tmp)
@@ -198,9 +235,19 @@ def _load_config(source: str, trust_remote_code: bool, local: bool):
                         f"Hub is unreachable); {OFFLINE_CHOICES}") from None
 
 
+def _check_causal(config, trust_remote_code: bool) -> None:
+    """Refuse what AutoModelForCausalLM cannot load, and encoders (BERT-like: masked LMs) that it
+    loads as decoders only when their config says is_decoder."""
+    remote = trust_remote_code and "AutoModelForCausalLM" in (getattr(config, "auto_map", None) or {})
+    encoder = type(config) in MODEL_FOR_MASKED_LM_MAPPING and not getattr(config, "is_decoder", False)
+    if encoder or (not remote and type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING):
+        raise UserError(f"unsupported architecture '{config.model_type}': not a causal language model "
+                        "(compact loads any model that transformers' AutoModelForCausalLM loads)")
+
+
 def load(ref: str = DEFAULT_REF, device: str | None = None, dtype=None,
          trust_remote_code: bool = False, allow_pickle: bool = False) -> Loaded:
-    """Load a causal LM and its tokenizer from any REF; the family must be supported."""
+    """Load a causal LM and its tokenizer from any REF, of any family AutoModelForCausalLM loads."""
     ref = (ref or DEFAULT_REF).strip()
     dev = pick_device(device)
     dt = pick_dtype(dev, dtype)
@@ -211,9 +258,7 @@ def load(ref: str = DEFAULT_REF, device: str | None = None, dtype=None,
     elif path.suffix == ".gguf":
         if not path.is_file():
             raise UserError(f"GGUF file not found: {path}")
-        model, tok = _load_gguf(path.resolve(), dt)
-        arch = arch_mod.for_model(model)
-        return _finish(Loaded(model, tok, arch, ref), dev, dt)
+        source, local = str(gguf_cache(path)), True
     elif path.is_dir():
         _check_local_weights(path, allow_pickle)
         source, local = str(path.resolve()), True
@@ -229,7 +274,8 @@ def load(ref: str = DEFAULT_REF, device: str | None = None, dtype=None,
 
     config = _load_config(source, trust_remote_code, local)
     source_dtype = DEFAULT_DTYPE if ref == DEFAULT_REF else recorded_dtype(config)  # before loading sets it
-    arch = arch_mod.for_config(config)
+    _check_causal(config, trust_remote_code)
+    arch = arch_generic.adapter(config)
     kwargs = {"dtype": dt, "trust_remote_code": trust_remote_code}
     if not allow_pickle:
         kwargs["use_safetensors"] = True

@@ -27,7 +27,7 @@ from transformers import AutoModelForCausalLM
 from transformers.initialization import no_init_weights
 
 from compact import arch as arch_mod
-from compact import scoreboard
+from compact import arch_generic, scoreboard
 from compact.errors import UserError
 from compact.importance import DEPTH_METRICS, CalibrationOptions, Progress, Scores, StopCheck
 from compact.options import LoadOptions, option
@@ -246,7 +246,7 @@ def _apply_head_residual(t: torch.Tensor, dim: int, pairs, head_dim: int, stride
 
 def apply(model, p: Plan, scores: Scores | None = None, head_residual: bool = False):
     """A new model of the plan's shape holding the kept slices of model's weights."""
-    arch = arch_mod.for_model(model)
+    arch = arch_generic.minitron_adapter(model)
     s = p.source
     if head_residual and scores is None:
         raise UserError("the head residual needs head importance scores")
@@ -300,7 +300,7 @@ def trim(model, scores: Scores | None, layers=None, hidden=None, ffn=None, heads
 
 def trim_with_plan(model, scores, layers=None, hidden=None, ffn=None, heads=None,
                    depth_metric="bi", drop_layers=None, head_residual=False):
-    arch = arch_mod.for_model(model)
+    arch = arch_generic.minitron_adapter(model)
     p = plan(scores, arch.shape(model.config), layers, hidden, ffn, heads, depth_metric,
              drop_layers, family=arch.family)
     return apply(model, p, scores, head_residual), p
@@ -391,6 +391,7 @@ def run(cfg: PruneConfig, progress: Progress | None = None, should_stop: StopChe
     the canonical scores of both (compact.scoreboard)."""
 
     loaded = loaded or cfg.load(cfg.model)
+    loaded.require_minitron()
     targets = cfg.targets()
     # Validate the targets before any slow pass: scores are only needed past this point.
     target, drop = resolve_targets(loaded.shape, cfg.layers, cfg.hidden, cfg.ffn, cfg.heads,

@@ -177,6 +177,7 @@ def run(cfg: SearchConfig, progress: Progress | None = None, should_stop: StopCh
 
     cfg.check()
     loaded = loaded or cfg.load(cfg.model)
+    loaded.require_minitron()
     budget = parse_params(cfg.params, loaded.shape.params)
     found = candidates(loaded.shape, budget, cfg.tolerance, **cfg.grid(), hidden_step=cfg.hidden_step,
                        ffn_step=cfg.ffn_step, min_fraction=cfg.min_fraction,

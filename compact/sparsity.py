@@ -1,7 +1,8 @@
 """N:M semi-structured sparsity: masks, pattern checks, one-shot pruning, SLoRB, 2:4 kernels.
 
-Targets are the linear layers inside the transformer blocks (compact.arch adapters); the
-embeddings and the LM head stay dense. Every mask is taken along the input dimension of an
+Targets are the linear layers inside the transformer blocks (named by compact.arch adapters; for
+a family without one, every nn.Linear under the blocks, compact.arch_generic); the embeddings
+and the LM head stay dense. Every mask is taken along the input dimension of an
 (out, in) view of the weight: in each row, every group of M consecutive input columns keeps N
 entries. GPT-2's Conv1D stores (in, out) weights; `compact.arch.weight_oi` hides that, and its
 fused q/k/v matrix is treated as one weight.
@@ -32,8 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
-from compact import arch as arch_mod
-from compact import hardware
+from compact import arch_generic, hardware
 from compact.arch import weight_oi
 from compact.errors import Cancelled, UserError
 
@@ -75,7 +75,7 @@ def nm_mask(weight_oi: Tensor, n: int = 2, m: int = 4, score: Tensor | None = No
 
 def target_linears(model) -> dict[str, nn.Module]:
     """Every linear inside the transformer blocks, by full module name."""
-    arch = arch_mod.for_model(model)
+    arch = arch_generic.adapter(model.config)
     prefix = {id(mod): name for name, mod in model.named_modules()}
     out = {}
     for block in arch.blocks(model):
@@ -268,7 +268,7 @@ def one_shot(model, method: str, n: int = 2, m: int = 4, blocks: Tensor | None =
     check_widths(model, m)
     if spec.statistic is not None and (blocks is None or len(blocks) == 0):
         raise UserError(f"{method} needs calibration data")
-    arch = arch_mod.for_model(model)
+    arch = arch_generic.adapter(model.config)
     names = {id(mod): name for name, mod in model.named_modules()}
     tblocks = arch.blocks(model)
     report = {"method": method, "pattern": f"{n}:{m}", "layers": {}}

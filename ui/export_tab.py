@@ -143,7 +143,7 @@ def workspace_models(state: dict | None, request: gr.Request) -> list[dict]:
     state, store = st.session(state), RunStore()
     found = []
     for ref in state.get("roots", [state["ref"]]):
-        params = st.CACHE.get(ref).shape.params
+        params = st.CACHE.get(ref).params
         found.append({"ref": ref, "label": f"{Path(ref).name} (loaded)", "params": params,
                       "nonzero_params": params, "run": None, "score": scoreboard.cached(ref, store=store)})
     for r in _visible_runs(request):

@@ -69,6 +69,7 @@ def run(model: str | None, src: str, samples: int, seq_len: int, batch_agg: str,
         raise gr.Error("samples must be at least 1 and the sequence length at least 2")
     ref = st.check_ref(model or state["ref"])
     loaded = st.CACHE.get(ref)
+    loaded.require_minitron()
     out = st.next_output(sid, "importance").with_suffix(".safetensors")
     cfg = importance.ImportanceConfig(model=ref, data=st.check_data(src), samples=samples,
                                       seq_len=seq_len, batch_agg=batch_agg, seq_agg=seq_agg,

@@ -22,6 +22,7 @@ def card(info: dict) -> str:
         f"| {info['family']} | {info['layers']} | {info['hidden']} | {info['heads']} | {info['kv_heads']} | "
         f"{info['head_dim']} | {info['ffn']} | {info['vocab']} | {human(info['params'])} | {info['dtype']} | "
         f"{info['device']} |\n\n"
+        f"Minitron pruning: {info['supports']['minitron']}; {info['supports']['generic']}: yes.\n\n"
         f"Model cache: {len(st.CACHE.keys())} model(s), {gib(st.CACHE.total_bytes())} of "
         f"{gib(st.CACHE.max_bytes)}."
     )

@@ -81,7 +81,9 @@ def refresh(state: dict | None, shown: Shape | None = None, layers=None, hidden=
     """Controls follow the session's model (loaded on first use) and are kept while it stays the
     same; the heatmaps are redrawn, since the scores may be new."""
     ref = source(state)
-    base = st.CACHE.get(ref).shape
+    loaded = st.CACHE.get(ref)
+    loaded.require_minitron()
+    base = loaded.shape
     which = (f"Pruning **{Path(ref).name}**"
              + (" (the model of the last importance run)" if ref != st.session(state)["ref"] else ""))
     if shown == base:
@@ -95,7 +97,9 @@ def find_shapes(base: Shape | None, target_m: float, tolerance: float, state: di
     from compact import search
 
     if base is None:
-        base = st.CACHE.get(source(state)).shape
+        loaded = st.CACHE.get(source(state))
+        loaded.require_minitron()
+        base = loaded.shape
     if not target_m or target_m <= 0:
         raise gr.Error("give a parameter budget in millions")
     found = search.candidates(base, int(target_m * 1e6), tolerance=float(tolerance))
@@ -122,6 +126,7 @@ def run_prune(base: Shape | None, layers, hidden, ffn, heads, depth_metric: str,
     sid = jobs.session_id(request)
     ref = source(state)
     loaded = st.CACHE.get(ref)
+    loaded.require_minitron()
     tg = targets(loaded.shape, layers, hidden, ffn, heads)
     if not tg:
         raise gr.Error("the target is the model's own shape: lower at least one control")
