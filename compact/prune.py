@@ -280,6 +280,7 @@ def apply(model, p: Plan, scores: Scores | None = None, head_residual: bool = Fa
                 tensor = tensor.index_select(dim, index[axis].to(tensor.device))
         new_sd[key] = tensor.contiguous()
 
+    arch.adjust_pruned(new_sd, s, p.shape)
     config = arch.pruned_config(model.config, p.shape, p.layers)
     param = next(model.parameters())
     # Skip random init: every weight is overwritten by the loaded slices right away.
@@ -333,6 +334,9 @@ def prune_and_save(loaded, scores: Scores | None, out, head_residual: bool = Fal
         "importance": scores.meta if scores is not None else None,
         "params": params,
     }
+    note = loaded.arch.pruned_note(p.shape)
+    if note:
+        meta["note"] = note
     models.save(model, loaded.tokenizer, out, meta, dtype=loaded.source_dtype)
     shape = p.shape
     return {
@@ -344,6 +348,7 @@ def prune_and_save(loaded, scores: Scores | None, out, head_residual: bool = Fal
         "source_params": param_count(loaded.model),
         "dropped_layers": p.dropped_layers,
         "trim_seconds": round(seconds, 3),
+        **({"saved_as": model.config.model_type, "note": note} if note else {}),
     }
 
 
