@@ -465,3 +465,26 @@ def test_pruned_checkpoint_keeps_the_source_dtype(make_model, tokenizer, tmp_pat
     assert reloaded.source_dtype == torch.bfloat16
     ids = calib(len(tokenizer), n=2)
     assert torch.equal(logits(reloaded.model, ids), logits(in_memory, ids))
+
+
+def test_search_grid_of_the_default_model_gains_the_shapes_saved_as_mistral():
+    """SmolLM2-135M's shape (from its config; no weights): at the default steps (hidden 64, FFN 64,
+    every layer count and head count down to half), the grid shapes that can be saved."""
+    import dataclasses
+
+    from transformers import LlamaConfig
+
+    from compact.search import candidates
+
+    config = LlamaConfig(num_hidden_layers=30, hidden_size=576, intermediate_size=1536, num_attention_heads=9,
+                         num_key_value_heads=3, head_dim=64, vocab_size=49152, tie_word_embeddings=True)
+    shape = arch_mod.for_config(config).shape(config)
+    assert shape.params == 134_515_008 and not shape.hidden_divisible_by_heads
+    llama_only = dataclasses.replace(shape, hidden_divisible_by_heads=True)  # the rule before
+    budget = int(shape.params * 0.7)
+    found, before = candidates(shape, budget), candidates(llama_only, budget)
+    assert (len(found), len(before)) == (153, 72)
+    sizes = {(s.layers, s.hidden, s.ffn, s.heads) for s in found}
+    assert {(s.layers, s.hidden, s.ffn, s.heads) for s in before} <= sizes
+    assert sum(s.hidden % s.heads != 0 for s in found) == 153 - 72
+    assert any(hidden == 512 and heads == 9 for _, hidden, _, heads in sizes)
