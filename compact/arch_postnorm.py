@@ -77,7 +77,7 @@ class Olmo2(Arch):
         axes = {k: v for k, v in super().block_axes().items() if not k.startswith("input_layernorm")}
         axes["post_feedforward_layernorm.weight"] = ("ch",)
         # q_norm and k_norm span the whole projections: they go with the heads.
-        axes["self_attn.q_norm.weight"], axes["self_attn.k_norm.weight"] = ("q",), ("kv",)
+        axes["self_attn.q_norm.weight"], axes["self_attn.k_norm.weight"] = ("q_norm",), ("kv",)
         return axes
 
     def _traits(self, config) -> dict:

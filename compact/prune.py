@@ -206,6 +206,8 @@ def _block_index(s: Shape, channels, heads: list[int], kv_heads: list[int],
     ffn = torch.tensor(neurons, dtype=torch.long)
     q_width, kv_width = s.heads * s.head_dim, s.kv_heads * s.head_dim
     return {"ch": channels, "q": q, "kv": kv, "ffn": ffn,
+            # OLMo 2's q_norm: sliced like q, but a scale per dim that the head residual leaves be.
+            "q_norm": q,
             # Fused layouts: q|k|v stacked (GPT-2, Phi-3), gate|up stacked (Phi-3), and
             # q, k, v interleaved head by head (GPT-NeoX, multi-head only).
             "qkv": torch.cat([q, q_width + kv, q_width + kv_width + kv]),

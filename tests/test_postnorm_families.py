@@ -156,6 +156,9 @@ def test_olmo2_q_norm_spans_the_kept_heads(make_model, tokenizer):
     old, new = model.model.layers[0].self_attn, pruned.model.layers[0].self_attn
     assert torch.equal(new.q_norm.weight, torch.cat([old.q_norm.weight[:16], old.q_norm.weight[48:]]))
     assert torch.equal(new.k_norm.weight, old.k_norm.weight)
+    folded = prune.trim(model, scores, heads=2, head_residual=True)  # folds queries, not their norm
+    assert torch.equal(folded.model.layers[0].self_attn.q_norm.weight, new.q_norm.weight)
+    assert not torch.equal(folded.model.layers[0].self_attn.q_proj.weight, new.q_proj.weight)
     kv = make_model("olmo2", kv_heads=4)  # multi-head: k_norm goes with its heads too
     scores = scores_for(kv)
     scores.heads[:] = torch.tensor([4.0, 1.0, 3.0, 2.0])  # keeps heads 0 and 2
