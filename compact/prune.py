@@ -12,7 +12,10 @@ heads, neurons and channels, so the config only changes its sizes. Rules:
 - GPT-2, GPT-NeoX and OPT compute head_dim = hidden / heads, so head_dim stays fixed and
   hidden = heads x head_dim: a heads target implies the hidden size and the other way round (both given must
   agree); the residual channels and the heads are still chosen by their own scores;
-- depth: drop the layers with the lowest Block Importance (or loss increase), or a given list.
+- depth: drop the layers with the lowest Block Importance (or loss increase), or a given list;
+- the adapter may adjust the sliced weights (Gemma's post-norms follow its embedding scale) or
+  save another family of the same function (a Llama whose hidden is not a multiple of its heads
+  is saved as Mistral: compact.arch.Llama).
 Kept indices stay in their original order. The source model is left unchanged.
 """
 

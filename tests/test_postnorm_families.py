@@ -203,3 +203,15 @@ def test_smollm3_no_rope_layers_follow_the_kept_layers(make_model, tokenizer, tm
     assert [layer.self_attn.use_rope for layer in reloaded.model.layers] == [1, 1, 0]
     ids = calib(len(tokenizer), n=1)
     torch.testing.assert_close(logits(reloaded, ids), logits(pruned, ids), atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("family", GEMMAS)
+def test_gemma_hidden_stays_a_multiple_of_heads(family, make_model):
+    """GemmaConfig itself refuses other hidden sizes, so prune refuses them before any work."""
+    from compact.errors import UserError
+
+    model = make_model(family)
+    shape = arch_mod.for_model(model).shape(model.config)
+    with pytest.raises(UserError, match="must be a multiple of heads"):
+        prune.resolve_targets(shape, hidden=62)
+    assert prune.resolve_targets(shape, hidden=60)[0].hidden == 60
