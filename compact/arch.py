@@ -7,10 +7,12 @@ works on any supported family. Adding a family is one small subclass registered 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import threading
 
 import torch
 from torch import nn
+from transformers import MistralConfig
 from transformers.pytorch_utils import Conv1D
 
 from compact.errors import UserError
@@ -190,10 +192,6 @@ class Llama(Arch):
 
 def as_mistral(llama_config):
     """The MistralConfig of the same function as a bias-free Llama config (no sliding window)."""
-    import dataclasses
-
-    from transformers import MistralConfig
-
     names = {f.name for f in dataclasses.fields(MistralConfig)}
     values = {k: v for k, v in llama_config.to_dict().items() if k in names}
     return MistralConfig(**{**values, "sliding_window": None})

@@ -29,8 +29,9 @@ class Shape:
     qk_norm_full: bool = False  # OLMo 2: q/k RMSNorm over the whole projection (heads x head_dim)
     norms_per_block: int = 2  # Gemma: 4 (input, post-attention, pre- and post-feedforward)
     positions: int = 0  # learned position embeddings (GPT-2); 0 for rotary
-    # transformers' LlamaConfig refuses a hidden size that is not a multiple of the head
-    # count, even with head_dim given, so a pruned Llama must keep hidden % heads == 0.
+    # transformers' configs for some families (Gemma; Llama with biases, which cannot be saved
+    # as Mistral instead) refuse a hidden size that is not a multiple of the head count, even
+    # with head_dim given, so their pruned shapes keep hidden % heads == 0.
     hidden_divisible_by_heads: bool = False
     # Phi-3's long-context RoPE checks its factor lists against hidden // heads, not head_dim.
     head_dim_from_hidden: bool = False
