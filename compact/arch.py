@@ -7,10 +7,12 @@ works on any supported family. Adding a family is one small subclass registered 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import threading
 
 import torch
 from torch import nn
+from transformers import MistralConfig
 from transformers.pytorch_utils import Conv1D
 
 from compact.errors import UserError
@@ -76,7 +78,8 @@ class Arch:
         return block.mlp.down_proj
 
     def block_norms(self, block) -> list[nn.Module]:
-        """Norms that read the residual stream (their weights span the hidden size)."""
+        """Every norm of a block over the hidden size (the first reads the block's input, where
+        the family has such a norm); importance reads their outputs for channel scores."""
         return [block.input_layernorm, block.post_attention_layernorm]
 
     def state_hook(self, block, sink):
@@ -86,6 +89,13 @@ class Arch:
             sink(out[0] if isinstance(out, tuple) else out)
 
         return self.block_norms(block)[0].register_forward_hook(own_thread(hook))
+
+    def post_norms(self, block) -> list[nn.Module]:
+        """Those of block_norms applied to what the block writes into the residual stream."""
+        return []
+
+    # Norms multiply by (offset + weight): Gemma stores its weights centered on 0 (offset 1).
+    norm_weight_offset = 0.0
 
     def linears(self, block) -> dict[str, nn.Module]:
         """Every weight matrix inside a transformer block, by qualified name."""
@@ -131,12 +141,20 @@ class Arch:
         config.num_attention_heads = shape.heads
         config.num_key_value_heads = shape.kv_heads
         config.head_dim = shape.head_dim  # explicit: hidden / heads no longer gives it
-        if isinstance(getattr(config, "layer_types", None), list):
-            config.layer_types = [config.layer_types[i] for i in kept_layers]
+        for per_layer in ("layer_types", "no_rope_layers"):  # no_rope_layers: SmolLM3
+            if isinstance(getattr(config, per_layer, None), list):
+                setattr(config, per_layer, [getattr(config, per_layer)[i] for i in kept_layers])
         if isinstance(getattr(config, "max_window_layers", None), int):
             # Layers from this index on use the sliding window: count the kept layers below it.
             config.max_window_layers = sum(i < config.max_window_layers for i in kept_layers)
         return config
+
+    def adjust_pruned(self, state: dict[str, torch.Tensor], source: Shape, target: Shape) -> None:
+        """Change the pruned state dict in place where slicing alone would change the function."""
+
+    def pruned_note(self, target: Shape) -> str | None:
+        """Why the pruned checkpoint is saved as another family (None when it is not)."""
+        return None
 
     def shape(self, config) -> Shape:
         heads = config.num_attention_heads
@@ -159,11 +177,34 @@ class Arch:
 
 
 class Llama(Arch):
+    """Llama. transformers' LlamaConfig refuses a hidden size that is not a multiple of the head
+    count; MistralConfig has no such check and MistralForCausalLM computes the same function
+    with the same weight names, so such shapes are saved as Mistral (without biases, which
+    Mistral lacks: a Llama with biases keeps the refusal)."""
+
     family = "llama"
     model_types = ("llama",)
 
     def _traits(self, config) -> dict:
-        return {**super()._traits(config), "hidden_divisible_by_heads": True}
+        traits = super()._traits(config)
+        return {**traits, "hidden_divisible_by_heads": traits["qkv_bias"] or traits["mlp_bias"]}
+
+    def pruned_config(self, config, shape: Shape, kept_layers: list[int]):
+        config = super().pruned_config(config, shape, kept_layers)
+        return as_mistral(config) if self.pruned_note(shape) else config
+
+    def pruned_note(self, target: Shape) -> str | None:
+        if target.hidden % target.heads == 0:
+            return None
+        return (f"saved as Mistral: transformers' LlamaConfig refuses hidden {target.hidden} with "
+                f"{target.heads} heads (not a multiple); MistralForCausalLM computes the same function")
+
+
+def as_mistral(llama_config):
+    """The MistralConfig of the same function as a bias-free Llama config (no sliding window)."""
+    names = {f.name for f in dataclasses.fields(MistralConfig)}
+    values = {k: v for k, v in llama_config.to_dict().items() if k in names}
+    return MistralConfig(**{**values, "sliding_window": None})
 
 
 class Mistral(Arch):
@@ -193,6 +234,14 @@ class Qwen3(Arch):
     def _traits(self, config) -> dict:
         bias = bool(getattr(config, "attention_bias", False))
         return {"qkv_bias": bias, "o_bias": bias, "qk_norm": True}
+
+
+class SmolLM3(Arch):
+    """SmolLM3: Llama with rotary positions left out in some layers (no_rope_layers, one 0/1
+    per layer, follows the kept layers)."""
+
+    family = "smollm3"
+    model_types = ("smollm3",)
 
 
 class GPT2(Arch):
@@ -285,7 +334,7 @@ class GPT2(Arch):
 
 
 FAMILIES: dict[str, Arch] = {}
-for _cls in (Llama, Mistral, Qwen2, Qwen3, GPT2):
+for _cls in (Llama, Mistral, Qwen2, Qwen3, SmolLM3, GPT2):
     for _t in _cls.model_types:
         FAMILIES[_t] = _cls()
 
@@ -304,5 +353,6 @@ def for_model(model) -> Arch:
     return for_config(model.config)
 
 
-# Phi-3, GPT-NeoX and OPT live in their own module, which registers them in FAMILIES.
-from compact import arch_fused  # noqa: E402, F401
+# Phi-3, GPT-NeoX and OPT (fused layouts) and Gemma 2/3 and OLMo 2 (norms on each block's
+# output) live in their own modules, which register them in FAMILIES.
+from compact import arch_fused, arch_postnorm  # noqa: E402, F401

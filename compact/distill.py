@@ -77,6 +77,7 @@ class TeacherOutput:
     weight: torch.Tensor  # LM head
     bias: torch.Tensor | None
     states: list[torch.Tensor]  # post-norm intermediate states paired with the student's
+    softcap: float | None = None  # final logit soft-capping (Gemma 2)
 
 
 @torch.no_grad()
@@ -88,7 +89,11 @@ def teacher_forward(model, arch, ids: torch.Tensor, state_ids: list[int] | None 
         hidden = arch.base(model)(input_ids=ids, use_cache=False).last_hidden_state
     head = arch.lm_head(model)
     return TeacherOutput(hidden, head.weight, getattr(head, "bias", None),
-                         _states(found, hidden, state_ids, layers))
+                         _states(found, hidden, state_ids, layers), logit_softcap(model))
+
+
+def logit_softcap(model) -> float | None:
+    return getattr(model.config, "final_logit_softcapping", None)
 
 
 class DistillModule(nn.Module):
@@ -137,7 +142,8 @@ class DistillModule(nn.Module):
             h[:, :-1], head.weight, getattr(head, "bias", None), ids[:, 1:], t_h,
             teacher.weight if teacher is not None else None,
             teacher.bias if teacher is not None else None,
-            cfg.temperature, kd_w, ce_w, cfg.chunk)
+            cfg.temperature, kd_w, ce_w, cfg.chunk, logit_softcap(self.model),
+            teacher.softcap if teacher is not None else None)
         hidden = torch.zeros((), device=h.device)
         if use_hidden:
             l_is = losses.hidden_loss(_states(found, h, student_ids, self.layers), teacher.states, self.proj)

@@ -47,7 +47,7 @@ class Scores:
     heads: torch.Tensor  # (layers, heads) query-head importance
     neurons: torch.Tensor  # (layers, ffn) MLP neuron importance
     channels: torch.Tensor  # (hidden,) summed over every residual norm, final norm included
-    channels_per_layer: torch.Tensor  # (layers, hidden): the two norms of each block
+    channels_per_layer: torch.Tensor  # (layers, hidden): the norms of each block (Gemma: four)
     layers: dict[str, torch.Tensor] = field(default_factory=dict)  # DEPTH_METRICS name -> (layers,)
     meta: dict = field(default_factory=dict)
 

@@ -85,9 +85,12 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
     return _ChunkedKL.apply(student_logits, teacher_logits, float(temperature), int(chunk), want_grad)
 
 
-def _matmul(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+def _matmul(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, dtype: torch.dtype,
+            softcap: float = 0.0) -> torch.Tensor:
     z = h.to(dtype) @ w.to(dtype).t()
-    return z if b is None else z + b.to(dtype)
+    z = z if b is None else z + b.to(dtype)
+    # Gemma 2's final logit soft-capping: cap * tanh(z / cap), as its own forward does.
+    return torch.tanh(z / softcap) * softcap if softcap else z
 
 
 class _HeadLosses(torch.autograd.Function):
@@ -95,7 +98,7 @@ class _HeadLosses(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h, w, b, t_h, t_w, t_b, labels, temperature, kd_weight, ce_weight, chunk,
-                compute_dtype, want_grad):
+                compute_dtype, want_grad, softcap, teacher_softcap):
         with torch.autocast(h.device.type, enabled=False):
             n = h.size(0)
             n_valid = max(int((labels != IGNORE_INDEX).sum()), 1)
@@ -110,10 +113,10 @@ class _HeadLosses(torch.autograd.Function):
                 if want_grad and b is not None else None
             for i in range(0, n, chunk):
                 h_c = h[i:i + chunk].to(compute_dtype)
-                zs = _matmul(h_c, w_c, b, compute_dtype)
+                zs = _matmul(h_c, w_c, b, compute_dtype, softcap)
                 g = None
                 if use_kd:
-                    zt = _matmul(t_h[i:i + chunk], t_w, t_b, t_w.dtype)
+                    zt = _matmul(t_h[i:i + chunk], t_w, t_b, t_w.dtype, teacher_softcap)
                     kl, g_kd = _kl_chunk(zs, zt, temperature, want_grad)
                     del zt
                     kd_sum += kl
@@ -125,10 +128,13 @@ class _HeadLosses(torch.autograd.Function):
                     if g_ce is not None:
                         g_ce.mul_(ce_weight / n_valid)
                         g = g_ce if g is None else g.add_(g_ce)
-                del zs
                 if want_grad:
                     if g is None:  # every weight is zero
                         g = torch.zeros(h_c.size(0), w.size(0), device=h.device)
+                    if softcap:  # back through the cap: d(cap tanh(z / cap))/dz = 1 - (capped / cap)^2
+                        g = g * (1 - (zs.float() / softcap) ** 2)
+                del zs
+                if want_grad:
                     g_c = g.to(compute_dtype)
                     grad_h[i:i + chunk] = (g_c @ w_c).to(h.dtype)
                     grad_w += (g_c.t() @ h_c).float()
@@ -150,20 +156,22 @@ class _HeadLosses(torch.autograd.Function):
         scale = grad_total
         return (grad_h * scale.to(grad_h.dtype), grad_w * scale.to(grad_w.dtype),
                 None if grad_b is None else grad_b * scale.to(grad_b.dtype),
-                None, None, None, None, None, None, None, None, None, None)
+                None, None, None, None, None, None, None, None, None, None, None, None)
 
 
 def head_losses(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                 labels: torch.Tensor, teacher_h: torch.Tensor | None = None,
                 teacher_weight: torch.Tensor | None = None, teacher_bias: torch.Tensor | None = None,
                 temperature: float = 1.0, kd_weight: float = 1.0, ce_weight: float = 0.0,
-                chunk: int = DEFAULT_CHUNK) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                chunk: int = DEFAULT_CHUNK, softcap: float | None = None,
+                teacher_softcap: float | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(kd_weight * KD + ce_weight * CE, KD, CE) from final post-norm hidden states.
 
     h: (..., H) student states at the positions that predict `labels` (..., same leading dims);
     teacher_h: the teacher's states at the same positions (None: CE only). Only the first value
     carries gradient (to h, weight and bias); KD and CE are detached values for logging.
     Under autocast the head matmuls run in the autocast dtype, softmax and sums in fp32.
+    softcap / teacher_softcap: a final logit soft-capping (Gemma 2's final_logit_softcapping).
     """
     h2 = h.reshape(-1, h.size(-1))
     lab = labels.reshape(-1)
@@ -176,7 +184,8 @@ def head_losses(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     tw = None if teacher_weight is None else teacher_weight.detach()
     tb = None if teacher_bias is None else teacher_bias.detach()
     return _HeadLosses.apply(h2, weight, bias, t2, tw, tb, lab, float(temperature), float(kd_weight),
-                             float(ce_weight), int(chunk), compute_dtype, want_grad)
+                             float(ce_weight), int(chunk), compute_dtype, want_grad, float(softcap or 0),
+                             float(teacher_softcap or 0))
 
 
 def state_pairs(student_layers: int, teacher_layers: int) -> list[tuple[int, int]]:

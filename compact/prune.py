@@ -12,7 +12,10 @@ heads, neurons and channels, so the config only changes its sizes. Rules:
 - GPT-2, GPT-NeoX and OPT compute head_dim = hidden / heads, so head_dim stays fixed and
   hidden = heads x head_dim: a heads target implies the hidden size and the other way round (both given must
   agree); the residual channels and the heads are still chosen by their own scores;
-- depth: drop the layers with the lowest Block Importance (or loss increase), or a given list.
+- depth: drop the layers with the lowest Block Importance (or loss increase), or a given list;
+- the adapter may adjust the sliced weights (Gemma's post-norms follow its embedding scale) or
+  save another family of the same function (a Llama whose hidden is not a multiple of its heads
+  is saved as Mistral: compact.arch.Llama).
 Kept indices stay in their original order. The source model is left unchanged.
 """
 
@@ -206,6 +209,8 @@ def _block_index(s: Shape, channels, heads: list[int], kv_heads: list[int],
     ffn = torch.tensor(neurons, dtype=torch.long)
     q_width, kv_width = s.heads * s.head_dim, s.kv_heads * s.head_dim
     return {"ch": channels, "q": q, "kv": kv, "ffn": ffn,
+            # OLMo 2's q_norm: sliced like q, but a scale per dim that the head residual leaves be.
+            "q_norm": q,
             # Fused layouts: q|k|v stacked (GPT-2, Phi-3), gate|up stacked (Phi-3), and
             # q, k, v interleaved head by head (GPT-NeoX, multi-head only).
             "qkv": torch.cat([q, q_width + kv, q_width + kv_width + kv]),
@@ -280,6 +285,7 @@ def apply(model, p: Plan, scores: Scores | None = None, head_residual: bool = Fa
                 tensor = tensor.index_select(dim, index[axis].to(tensor.device))
         new_sd[key] = tensor.contiguous()
 
+    arch.adjust_pruned(new_sd, s, p.shape)
     config = arch.pruned_config(model.config, p.shape, p.layers)
     param = next(model.parameters())
     # Skip random init: every weight is overwritten by the loaded slices right away.
@@ -333,6 +339,9 @@ def prune_and_save(loaded, scores: Scores | None, out, head_residual: bool = Fal
         "importance": scores.meta if scores is not None else None,
         "params": params,
     }
+    note = loaded.arch.pruned_note(p.shape)
+    if note:
+        meta["note"] = note
     models.save(model, loaded.tokenizer, out, meta, dtype=loaded.source_dtype)
     shape = p.shape
     return {
@@ -344,6 +353,7 @@ def prune_and_save(loaded, scores: Scores | None, out, head_residual: bool = Fal
         "source_params": param_count(loaded.model),
         "dropped_layers": p.dropped_layers,
         "trim_seconds": round(seconds, 3),
+        **({"saved_as": model.config.model_type, "note": note} if note else {}),
     }
 
 

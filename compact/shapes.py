@@ -26,9 +26,12 @@ class Shape:
     mlp_bias: bool = False
     norm_bias: bool = False  # LayerNorm (weight+bias) vs RMSNorm (weight)
     qk_norm: bool = False  # Qwen3 per-head q/k RMSNorm
+    qk_norm_full: bool = False  # OLMo 2: q/k RMSNorm over the whole projection (heads x head_dim)
+    norms_per_block: int = 2  # Gemma: 4 (input, post-attention, pre- and post-feedforward)
     positions: int = 0  # learned position embeddings (GPT-2); 0 for rotary
-    # transformers' LlamaConfig refuses a hidden size that is not a multiple of the head
-    # count, even with head_dim given, so a pruned Llama must keep hidden % heads == 0.
+    # transformers' configs for some families (Gemma; Llama with biases, which cannot be saved
+    # as Mistral instead) refuse a hidden size that is not a multiple of the head count, even
+    # with head_dim given, so their pruned shapes keep hidden % heads == 0.
     hidden_divisible_by_heads: bool = False
     # Phi-3's long-context RoPE checks its factor lists against hidden // heads, not head_dim.
     head_dim_from_hidden: bool = False
@@ -86,10 +89,12 @@ def count_params(s: Shape) -> int:
         attn += s.hidden
     if s.qk_norm:
         attn += 2 * s.head_dim
+    if s.qk_norm_full:
+        attn += q_out + kv_out
     mlp = (3 if s.gated_mlp else 2) * s.hidden * s.ffn
     if s.mlp_bias:
         mlp += (2 if s.gated_mlp else 1) * s.ffn + s.hidden
-    per_layer = attn + mlp + 2 * norm
+    per_layer = attn + mlp + s.norms_per_block * norm
     embed = s.vocab * s.hidden + s.positions * s.hidden
     head = 0 if s.tied else s.vocab * s.hidden
     return embed + s.layers * per_layer + norm + head

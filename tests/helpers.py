@@ -14,20 +14,25 @@ from pathlib import Path
 import torch
 from transformers import (
     AutoModelForCausalLM,
+    Gemma2Config,
+    Gemma3TextConfig,
     GPT2Config,
     GPTNeoXConfig,
     LlamaConfig,
     MistralConfig,
+    Olmo2Config,
     OPTConfig,
     Phi3Config,
     Qwen2Config,
     Qwen3Config,
+    SmolLM3Config,
 )
 
 from compact import arch as arch_mod
 from compact.arch import weight_oi
 
-FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gpt2", "phi3", "gpt_neox", "opt"]
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gpt2", "phi3", "gpt_neox", "opt", "gemma2", "gemma3",
+            "olmo2", "smollm3"]
 MHA_ONLY = ("gpt2", "gpt_neox", "opt")  # no KV groups: kv_heads is always heads
 LEARNED_POSITIONS = ("gpt2", "opt")
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,7 +43,8 @@ SEQ = 24  # tokens per calibration block of calib()
 
 def tiny_config(family: str, vocab: int, layers: int = 4, hidden: int = 64, heads: int = 4,
                 kv_heads: int = 2, ffn: int = 128, head_dim: int = 16):
-    common = dict(vocab_size=vocab, tie_word_embeddings=family in ("llama", "gpt2", "qwen3", "opt"))
+    common = dict(vocab_size=vocab, tie_word_embeddings=family in ("llama", "gpt2", "qwen3", "opt", "gemma2",
+                                                                      "gemma3", "smollm3"))
     if family == "gpt2":
         return GPT2Config(n_layer=layers, n_embd=hidden, n_head=heads, n_inner=ffn, n_positions=256,
                           resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **common)
@@ -52,8 +58,16 @@ def tiny_config(family: str, vocab: int, layers: int = 4, hidden: int = 64, head
         return Phi3Config(num_hidden_layers=layers, hidden_size=hidden, num_attention_heads=heads,
                           num_key_value_heads=kv_heads, intermediate_size=ffn,
                           max_position_embeddings=256, **common)
-    cls = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config}[family]
-    return cls(num_hidden_layers=layers, hidden_size=hidden, num_attention_heads=heads,
+    extra = {}
+    if family in ("gemma2", "gemma3"):  # a window shorter than SEQ, so the layer types matter
+        extra = dict(sliding_window=8, layer_types=["sliding_attention", "full_attention"] * (layers // 2)
+                     + ["sliding_attention"] * (layers % 2))
+    if family in ("olmo2", "smollm3"):  # their default special tokens lie outside a small vocabulary
+        extra = dict(pad_token_id=None, bos_token_id=None, eos_token_id=None)
+    cls = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config,
+           "gemma2": Gemma2Config, "gemma3": Gemma3TextConfig, "olmo2": Olmo2Config,
+           "smollm3": SmolLM3Config}[family]
+    return cls(**extra,num_hidden_layers=layers, hidden_size=hidden, num_attention_heads=heads,
                num_key_value_heads=kv_heads, intermediate_size=ffn, head_dim=head_dim,
                max_position_embeddings=256, **common)
 
@@ -147,7 +161,7 @@ def kill_channel_readout(model, channel: int) -> None:
     norms = [n for b in a.blocks(model) for n in a.block_norms(b)] + [a.final_norm(model)]
     with torch.no_grad():
         for norm in norms:
-            norm.weight[channel] = 0
+            norm.weight[channel] = -a.norm_weight_offset  # Gemma multiplies by (1 + weight)
             if getattr(norm, "bias", None) is not None:
                 norm.bias[channel] = 0
 

@@ -77,3 +77,30 @@ def test_state_pairs_end_on_the_final_norm():
     assert losses.state_pairs(2, 6) == [(1, 3), (2, 6)]
     # depth-pruned student: block inputs pair with the teacher blocks they came from
     assert distill.state_pairs(3, 6, kept_layers=[0, 2, 5]) == [(1, 2), (2, 5), (3, 6)]
+
+
+def test_head_losses_follow_gemma2_final_logit_soft_capping():
+    """Student and teacher logits capped as cap * tanh(z / cap) (Gemma 2): values and gradients
+    equal autograd through the full capped logits."""
+    gen = torch.Generator().manual_seed(2)
+    n, hid, v, cap = 9, 5, 31, 3.0
+    h = (torch.randn(n, hid, generator=gen, dtype=torch.float64) * 3).requires_grad_()
+    w = torch.randn(v, hid, generator=gen, dtype=torch.float64, requires_grad=True)
+    th, tw = torch.randn(n, hid, generator=gen, dtype=torch.float64) * 3, torch.randn(v, hid, generator=gen,
+                                                                                       dtype=torch.float64)
+    labels = torch.randint(0, v, (n,), generator=gen)
+
+    def capped(z, c):
+        return torch.tanh(z / c) * c
+
+    zs = capped(h @ w.T, cap)
+    ref = 0.6 * _reference_kd(zs, capped(th @ tw.T, 5.0), 2.0) + 0.4 * F.cross_entropy(zs, labels)
+    ref_grads = torch.autograd.grad(ref, (h, w))
+    total, _, _ = losses.head_losses(h, w, None, labels, th, tw, None, 2.0, 0.6, 0.4, 4, softcap=cap,
+                                     teacher_softcap=5.0)
+    grads = torch.autograd.grad(total, (h, w))
+    assert torch.allclose(total.double(), ref, rtol=1e-5)  # softmax and sums run in fp32
+    for got, want in zip(grads, ref_grads, strict=True):
+        assert torch.allclose(got, want, rtol=1e-5, atol=1e-7)
+    uncapped, _, _ = losses.head_losses(h, w, None, labels, th, tw, None, 2.0, 0.6, 0.4, 4)
+    assert abs(float(uncapped) - float(total)) > 1e-2  # the cap acts at these logit sizes

@@ -5,7 +5,6 @@ import json
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModelForCausalLM
 
@@ -38,38 +37,73 @@ def fake_scores(model, seed: int = 0) -> importance.Scores:
 
 
 class KeptChannelsNorm(nn.Module):
-    """A residual norm whose statistics use only the kept channels; dropped channels read 0.
+    """A hidden-size norm whose statistics use only the kept channels; dropped channels read 0.
 
-    This is what channel pruning computes: with pre-norm blocks the residual stream is only
-    ever read through norms, so the original model with these norms must give the pruned
-    model's logits for any channel choice (and fails for any wrongly sliced matrix)."""
+    This is what channel pruning computes: the original model with these norms (and the
+    dropped channels of the embeddings zeroed, for OLMo 2's blocks that read the residual
+    stream raw) must give the pruned model's logits for any channel choice (and fails for
+    any wrongly sliced matrix). The norm is a copy of the original with its weights sliced, so
+    every family's variant (LayerNorm, RMSNorm, Gemma's 1 + weight) computes its own way."""
 
-    def __init__(self, norm: nn.Module, kept: torch.Tensor, layer_norm: bool):
+    def __init__(self, norm: nn.Module, kept: torch.Tensor):
         super().__init__()
-        self.norm, self.kept, self.layer_norm = norm, kept, layer_norm
+        self.kept = kept
+        self.norm = copy.deepcopy(norm)
+        for name, p in list(self.norm.named_parameters(recurse=False)):
+            setattr(self.norm, name, nn.Parameter(p.detach()[kept].clone()))
+        if isinstance(norm, nn.LayerNorm):
+            self.norm.normalized_shape = (len(kept),)
 
     def forward(self, x):
-        xk, w = x[..., self.kept], self.norm.weight[self.kept]
-        if self.layer_norm:
-            y = F.layer_norm(xk, (len(self.kept),), w, self.norm.bias[self.kept], self.norm.eps)
-        else:
-            eps = self.norm.variance_epsilon
-            y = w * (xk * torch.rsqrt(xk.pow(2).mean(-1, keepdim=True) + eps))
         out = torch.zeros_like(x)
-        out[..., self.kept] = y
+        out[..., self.kept] = self.norm(x[..., self.kept])
         return out
+
+
+def norm_eps(norm: nn.Module) -> str:
+    return "variance_epsilon" if hasattr(norm, "variance_epsilon") else "eps"
 
 
 def with_kept_channel_norms(model, kept: list[int]):
     ref = copy.deepcopy(model)
     a = arch_mod.for_model(ref)
+    readers = {id(n) for b in a.blocks(ref) for n in a.block_norms(b)} - \
+        {id(n) for b in a.blocks(ref) for n in a.post_norms(b)}
+    readers.add(id(a.final_norm(ref)))
     targets = {id(n) for b in a.blocks(ref) for n in a.block_norms(b)} | {id(a.final_norm(ref))}
+    embed = a.embed(ref)
+    source_hidden = embed.weight.shape[1]
     kept_t = torch.tensor(kept)
+    with torch.no_grad():
+        embed.weight[:, sorted(set(range(source_hidden)) - set(kept))] = 0
+    scale = (len(kept) / source_hidden) ** 0.5
     for parent in list(ref.modules()):
         for name, child in list(parent.named_children()):
             if id(child) in targets:
-                setattr(parent, name, KeptChannelsNorm(child, kept_t, isinstance(child, nn.LayerNorm)))
+                new = KeptChannelsNorm(child, kept_t)
+                if hasattr(embed, "embed_scale") and id(child) in readers:
+                    # Gemma: the pruned residual stream is `scale` times this one (embedding scale
+                    # sqrt(hidden), post-norms scaled to match); a norm reading a stream scaled by
+                    # `scale` computes exactly what it computes here with eps / scale^2.
+                    setattr(new.norm, norm_eps(child), getattr(child, norm_eps(child)) / scale ** 2)
+                setattr(parent, name, new)
     return ref
+
+
+def olmo2_silence_queries(model, reference, dead_heads: list[int], heads: int) -> None:
+    """OLMo 2's q_norm runs over every head's queries: zero the dead heads' queries in model, and
+    give reference (a copy of it) the q_norm of the kept heads alone (weight x sqrt(H'/H), eps x
+    H'/H, as for the residual channels of test_dead_channels_of_rmsnorm_models)."""
+    a = arch_mod.for_model(model)
+    kept = (heads - len(dead_heads)) / heads
+    d = a.shape(model.config).head_dim
+    for block, ref_block in zip(a.blocks(model), a.blocks(reference), strict=True):
+        for h in dead_heads:
+            zero_rows(block.self_attn.q_proj, slice(h * d, (h + 1) * d))
+            zero_rows(ref_block.self_attn.q_proj, slice(h * d, (h + 1) * d))
+        with torch.no_grad():
+            ref_block.self_attn.q_norm.weight.mul_(kept ** 0.5)
+        ref_block.self_attn.q_norm.variance_epsilon *= kept
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -102,9 +136,12 @@ def test_zeroed_heads_and_neurons_prune_exactly(family, make_model, tokenizer):
         scores.neurons[i, dead_neurons] = 0
     ids = calib(len(tokenizer), n=2)
     heads = s.heads - len(dead_heads)
+    reference = model
+    if s.qk_norm_full:  # OLMo 2 (test_olmo2_pruning_heads_changes_the_q_norm_rms shows why)
+        reference = copy.deepcopy(model)
+        olmo2_silence_queries(model, reference, dead_heads, s.heads)
     pruned, plan = prune.trim_with_plan(model, scores, heads=heads, ffn=s.ffn - len(dead_neurons))
     assert all(sorted(set(range(s.heads)) - set(k)) == dead_heads for k in plan.heads)
-    reference = model
     if a.hidden_tied_to_heads:  # hidden = heads x head_dim: channels go too
         assert plan.shape.hidden == heads * s.head_dim
         reference = with_kept_channel_norms(model, plan.channels)
@@ -134,7 +171,7 @@ def test_channel_pruning_equals_norms_over_kept_channels(family, make_model, tok
     assert (logits(pruned, ids) - logits(wrong, ids)).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3"])
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3", "olmo2", "smollm3"])
 def test_dead_channels_of_rmsnorm_models(family, make_model, tokenizer):
     """Channels that are zero everywhere in the residual stream (embedding column and every
     writer zero) carry nothing, yet RMSNorm divides by the hidden size: after pruning, mean(x^2)
@@ -362,20 +399,50 @@ def test_multi_head_attention_prunes_kv_with_heads(make_model, tokenizer):
     torch.testing.assert_close(logits(pruned, ids), logits(model, ids), atol=ATOL, rtol=0)
 
 
-def test_llama_hidden_must_stay_a_multiple_of_heads(make_model, tmp_path):
-    # transformers' LlamaConfig refuses hidden % heads != 0 at load time, so prune must refuse first.
-    from compact.errors import UserError
-    from compact.prune import resolve_targets
+def test_llama_hidden_not_a_multiple_of_heads_is_saved_as_mistral(make_model, tokenizer, tmp_path):
+    """transformers' LlamaConfig refuses hidden % heads != 0 (even with head_dim given);
+    MistralForCausalLM computes a bias-free Llama's function with the same weight names and no
+    such check, so prune saves those shapes as Mistral, with a note in compact.json."""
     from compact.search import candidates
     from compact.shapes import shape_error
 
-    shape = arch_mod.for_model(make_model("llama")).shape(make_model("llama").config)
+    model = make_model("llama")  # tied embeddings, 4 heads in 2 KV groups
+    ids = calib(len(tokenizer), n=2)
+    same = AutoModelForCausalLM.from_config(arch_mod.as_mistral(model.config), dtype=torch.float32)
+    same.load_state_dict(model.state_dict())
+    assert type(same).__name__ == "MistralForCausalLM" and same.config.sliding_window is None
+    assert torch.equal(logits(same.eval(), ids), logits(model, ids))
+
+    a = arch_mod.for_model(model)
+    shape = a.shape(model.config)
+    targets = dict(hidden=54, ffn=96)  # 54 is not a multiple of 4 heads
+    scores = fake_scores(model, seed=3)
+    loaded = models.Loaded(model, tokenizer, a, "tiny")
+    summary = prune.prune_and_save(loaded, scores, tmp_path / "out", **targets)
+    assert summary["saved_as"] == "mistral" and "LlamaConfig refuses hidden 54" in summary["note"]
+    meta = json.loads((tmp_path / "out" / "compact.json").read_text())
+    assert meta["note"] == summary["note"]
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out")  # plain transformers
+    assert reloaded.config.model_type == "mistral" and reloaded.config.hidden_size == 54
+    expected = shape.with_targets(**targets)
+    assert arch_mod.for_model(reloaded).shape(reloaded.config) == expected
+    assert sum(p.numel() for p in reloaded.parameters()) == summary["params"] == expected.params
+    plan = prune.plan(scores, shape, **targets, family="llama")
+    reference = with_kept_channel_norms(model, plan.channels)  # the Llama itself, channels kept
+    with torch.no_grad():
+        for block, kept in zip(reference.model.layers, plan.neurons, strict=True):
+            block.mlp.down_proj.weight[:, sorted(set(range(128)) - set(kept))] = 0
+    torch.testing.assert_close(logits(reloaded, ids), logits(reference, ids), atol=ATOL, rtol=0)
+    # A multiple of the heads stays a Llama, and search proposes the other shapes too.
+    assert prune.trim(model, scores, hidden=48).config.model_type == "llama"
+    assert any(s.hidden % s.heads for s in candidates(shape, int(shape.params * 0.8), 0.2, hidden_step=2))
+    # Mistral has no biases: a Llama with them keeps the refusal.
+    biased = copy.deepcopy(model.config)
+    biased.attention_bias = True
     with pytest.raises(UserError, match="multiple of heads"):
-        resolve_targets(shape, hidden=62, heads=4)
-    assert resolve_targets(shape, hidden=48, heads=4)[0].hidden == 48
-    assert all(shape_error(s) is None for s in candidates(shape, int(shape.params * 0.8), 0.2, hidden_step=4))
+        prune.resolve_targets(a.shape(biased), hidden=54)
     qwen = arch_mod.for_model(make_model("qwen2")).shape(make_model("qwen2").config)
-    assert resolve_targets(qwen, hidden=62, heads=4)[0].hidden == 62  # Qwen2's config allows it
+    assert shape_error(qwen.with_targets(hidden=54)) is None  # Qwen2's config allows it
 
 
 def test_pruned_checkpoint_keeps_the_source_dtype(make_model, tokenizer, tmp_path):
@@ -398,3 +465,26 @@ def test_pruned_checkpoint_keeps_the_source_dtype(make_model, tokenizer, tmp_pat
     assert reloaded.source_dtype == torch.bfloat16
     ids = calib(len(tokenizer), n=2)
     assert torch.equal(logits(reloaded.model, ids), logits(in_memory, ids))
+
+
+def test_search_grid_of_the_default_model_gains_the_shapes_saved_as_mistral():
+    """SmolLM2-135M's shape (from its config; no weights): at the default steps (hidden 64, FFN 64,
+    every layer count and head count down to half), the grid shapes that can be saved."""
+    import dataclasses
+
+    from transformers import LlamaConfig
+
+    from compact.search import candidates
+
+    config = LlamaConfig(num_hidden_layers=30, hidden_size=576, intermediate_size=1536, num_attention_heads=9,
+                         num_key_value_heads=3, head_dim=64, vocab_size=49152, tie_word_embeddings=True)
+    shape = arch_mod.for_config(config).shape(config)
+    assert shape.params == 134_515_008 and not shape.hidden_divisible_by_heads
+    llama_only = dataclasses.replace(shape, hidden_divisible_by_heads=True)  # the rule before
+    budget = int(shape.params * 0.7)
+    found, before = candidates(shape, budget), candidates(llama_only, budget)
+    assert (len(found), len(before)) == (153, 72)
+    sizes = {(s.layers, s.hidden, s.ffn, s.heads) for s in found}
+    assert {(s.layers, s.hidden, s.ffn, s.heads) for s in before} <= sizes
+    assert sum(s.hidden % s.heads != 0 for s in found) == 153 - 72
+    assert any(hidden == 512 and heads == 9 for _, hidden, _, heads in sizes)
