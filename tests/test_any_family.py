@@ -172,7 +172,7 @@ def test_distillation_refuses_logits_changed_after_the_head(tokenizer, tmp_path)
 def test_minitron_refuses_before_any_pass(checkpoint, tmp_path):
     folder, _ = checkpoint("stablelm")
     loaded = models.load(str(folder), device="cpu")
-    message = "compact has none for 'stablelm' (supported: gpt2, gpt_neox, llama"
+    message = "compact has none for 'stablelm' (supported: gemma2, gemma3_text, gpt2, gpt_neox, llama"
     # data "nowhere" would fail if read: the refusal comes first
     jobs = [(importance.run, importance.ImportanceConfig(model="m", data="nowhere.txt",
                                                          out=str(tmp_path / "s"))),
@@ -196,7 +196,7 @@ def test_cli_refuses_importance_and_prune_in_one_line(checkpoint, tmp_path):
         lines = proc.stderr.strip().splitlines()
         assert len(lines) == 1
         assert lines[0].startswith("error: Minitron importance, pruning and search need a family adapter")
-        assert "'falcon'" in lines[0] and "supported: gpt2" in lines[0]
+        assert "'falcon'" in lines[0] and "supported: gemma2, gemma3_text, gpt2" in lines[0]
 
 
 def _write_gguf(model, tokenizer, path) -> None:
@@ -291,7 +291,8 @@ def test_app_card_compare_and_refusals(tokenizer, tmp_path, text):
         client = Client(url, verbose=False)
         card, info = client.predict(str(folder), api_name="/load")
         assert info["family"] == "falcon" and info["adapter"] is False
-        assert "Minitron pruning: no (no adapter for falcon; supported: gpt2, gpt_neox, llama" in card
+        assert ("Minitron pruning: no (no adapter for falcon; supported: gemma2, gemma3_text, gpt2, "
+                "gpt_neox, llama") in card
         assert "2:4 sparsity, AST, distillation, generation, evaluation: yes" in card
         result = client.predict(str(folder), str(sparse), None, None, "The capital of France is", 4, 0, 1, 0,
                                 False, False, api_name="/compare")  # no perplexity: its corpus is slow
