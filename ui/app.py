@@ -9,6 +9,7 @@ import gradio as gr
 
 from compact import cleanup
 from ui import (
+    challenge_tab,
     compare_tab,
     distill_tab,
     experiments_tab,
@@ -53,7 +54,7 @@ def build_app() -> gr.Blocks:
         ctx = Ctx(state=gr.State(st.new_session()))
         with gr.Tabs(selected="start") as tabs:
             for tab in (start_tab, model_tab, importance_tab, prune_tab, sparsify_tab, distill_tab,
-                        compare_tab, experiments_tab, export_tab):
+                        compare_tab, experiments_tab, export_tab, challenge_tab):
                 tab.build(ctx)
         ctx.wire(app)
         ctx.wire_tabs(tabs)
