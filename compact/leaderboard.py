@@ -78,9 +78,9 @@ class Challenge:
 
     def rules(self) -> str:
         params, tokens = self.max_params(), self.max_tokens()
-        return (f"at most {f'{params:,}' if params else 'any number of'} parameters, "
-                f"trained on at most {f'{tokens:,}' if tokens is not None else 'any number of'} tokens; "
-                f"ranked by perplexity on {self.setting().label}")
+        size = f"at most {params:,} parameters" if params else "any number of parameters"
+        trained = f"trained on at most {tokens:,} tokens" if tokens is not None else "any training"
+        return f"{size}, {trained}; ranked by perplexity on {self.setting().label}"
 
 
 def from_env() -> Challenge:

@@ -306,11 +306,11 @@ def test_challenge_as_a_participant(challenge_browser):
     type_text(b, "challenge-nickname", "ada lovelace")
 
     def host(budget: int) -> None:
-        if not b.js("document.querySelector('#challenge-password input').offsetParent !== null"):
+        shown = "(e => !!e && e.offsetParent !== null)(document.querySelector('#challenge-password input'))"
+        if not b.js(shown):
             b.js("(document.querySelector('#challenge-host .label-wrap') || "
                  "document.querySelector('#challenge-host button')).click()")
-            b.wait("document.querySelector('#challenge-password input').offsetParent !== null", 20,
-                   "the host view")
+            b.wait(shown, 20, "the host view")
         type_text(b, "challenge-password", "host-secret")
         type_text(b, "challenge-budget", str(budget))
         b.click_button("Set the challenge")
@@ -324,6 +324,7 @@ def test_challenge_as_a_participant(challenge_browser):
     b.screenshot(SHOTS / "challenge-01-refused.png")
 
     host(150_000_000)
+    assert "64,000 tokens" in b.text("#challenge-rules")  # the environment's token budget stays
     b.click_button("Submit to the leaderboard")
     b.wait("document.querySelector('#challenge-status').innerText.includes('rank 1')", 120, "the submission")
     status = b.text("#challenge-status")

@@ -39,6 +39,12 @@ def refresh():
     return board_rows(), rules()
 
 
+def host_fields() -> tuple[str, str, str]:
+    """The current challenge in the host's fields, so setting one budget keeps the others."""
+    challenge = leaderboard.current()
+    return challenge.budget or "", challenge.tokens or "", challenge.data
+
+
 @gpu
 @jobs.user_errors
 def submit(nickname: str, ref: str | None, state: dict | None, request: gr.Request, progress=gr.Progress()):
@@ -87,7 +93,7 @@ def build(ctx: Ctx) -> None:
                 password = gr.Textbox(label="Host password", type="password", elem_id="challenge-password")
                 budget = gr.Textbox(label="Parameter budget", elem_id="challenge-budget")
                 tokens = gr.Textbox(label="Training-token budget", elem_id="challenge-tokens")
-                data_src = gr.Textbox(value="builtin", label="Data source (builtin or hf:NAME)",
+                data_src = gr.Textbox(label="Data source (builtin or hf:NAME)",
                                       elem_id="challenge-data")
             host = gr.Button("Set the challenge")
             host_status = gr.Markdown(elem_id="challenge-host-status")
@@ -99,6 +105,7 @@ def build(ctx: Ctx) -> None:
     nickname.change(lambda name: name, nickname, saved_nickname, queue=False, api_visibility="private")
     ctx.on_load.append((lambda name: name or gr.skip(), [saved_nickname], [nickname]))
     ctx.on_load.append((refresh, [], [board, rules_md]))
+    ctx.on_load.append((host_fields, [], [budget, tokens, data_src]))
     timer.tick(refresh, None, [board, rules_md], queue=False, api_visibility="private")
     go.click(submit, [nickname, picker, ctx.state], [status, board, ctx.state], api_name="submit", **HEAVY)
     host.click(set_challenge, [password, budget, tokens, data_src], [host_status, board, rules_md],
