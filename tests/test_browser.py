@@ -311,6 +311,8 @@ def test_challenge_as_a_participant(challenge_browser):
             b.js("(document.querySelector('#challenge-host .label-wrap') || "
                  "document.querySelector('#challenge-host button')).click()")
             b.wait(shown, 20, "the host view")
+            b.wait("document.querySelector('#challenge-tokens textarea').value === '64K'", 20,
+                   "the current challenge in the host's fields")
         type_text(b, "challenge-password", "host-secret")
         type_text(b, "challenge-budget", str(budget))
         b.click_button("Set the challenge")
