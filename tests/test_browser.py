@@ -335,3 +335,15 @@ def test_challenge_as_a_participant(challenge_browser):
                    "(document.querySelector('#challenge-board').innerText)", 30, "the nickname on the board")
     assert "default" in board and "134.52 M" in board
     b.screenshot(SHOTS / "challenge-02-board.png")
+
+    # a reload is a new session: the nickname comes back from the browser, the board from the store
+    b.js("window.oldPage = true")
+    b.call("Page.reload", session=True)
+    b.wait("!window.oldPage && [...document.querySelectorAll('button')].some(x => x.offsetParent !== null "
+           "&& x.textContent.trim() === 'Challenge' && x.getAttribute('role') !== 'tab')", 60,
+           "the start view again")
+    b.click_button("Challenge")
+    b.wait("document.querySelector('#challenge-nickname textarea').value === 'ada lovelace'", 20,
+           "the nickname kept by the browser")
+    b.wait("document.querySelector('#challenge-board').innerText.includes('ada lovelace')", 20,
+           "the leaderboard after a reload")

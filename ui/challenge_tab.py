@@ -97,10 +97,10 @@ def build(ctx: Ctx) -> None:
                                       elem_id="challenge-data")
             host = gr.Button("Set the challenge")
             host_status = gr.Markdown(elem_id="challenge-host-status")
-        saved_nickname = gr.BrowserState("", storage_key="compact-challenge-nickname")
         timer = gr.Timer(REFRESH_S)
 
     follow_models(ctx, picker)
+    saved_nickname = ctx.components["nickname"]  # a gr.BrowserState, made by ui/app.py
     # The nickname stays in this browser: a reload or a new session keeps it.
     nickname.change(lambda name: name, nickname, saved_nickname, queue=False, api_visibility="private")
     ctx.on_load.append((lambda name: name or gr.skip(), [saved_nickname], [nickname]))
