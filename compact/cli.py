@@ -72,6 +72,26 @@ def _reproduce(a) -> dict:
     return reproduce.run(store, a.run, a.out, progress=progress, runner=run_job)
 
 
+def _add_leaderboard(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--budget", default=None,
+                        help="parameters: 90M, 1.5B or a fraction of the default model such as 0.7 "
+                             "(default: the challenge's, COMPACT_CHALLENGE_BUDGET)")
+    parser.add_argument("--json", action="store_true", help="only the JSON line, no table")
+
+
+def _leaderboard(a) -> dict:
+    from compact import leaderboard
+
+    board = leaderboard.stored_models(a.budget, progress=progress)
+    if not a.json:
+        print(f"ranked by perplexity on {board['setting']}")
+        print(f"{'rank':>4}  {'ppl':>10} {'params':>12} {'run':>5}  {'name':<24} artifact")
+        for r in board["rows"]:
+            print(f"{r['rank']:>4}  {r['ppl']:>10.2f} {r['params']:>12,} {r['run']:>5}  {r['name']:<24} "
+                  f"{r['artifact']}")
+    return board
+
+
 def build_parser() -> argparse.ArgumentParser:
     from compact.jobs import JOBS
     from compact.options import add_arguments
@@ -82,6 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
         add_arguments(sub.add_parser(job.name, help=job.help), job.config)
     _add_runs(sub.add_parser("runs", help="list recorded jobs"))
     _add_reproduce(sub.add_parser("reproduce", help="remake a recorded run's artifact from its root model"))
+    _add_leaderboard(sub.add_parser("leaderboard", help="the runs store's models within a parameter budget, "
+                                    "ranked by held-out perplexity (the workshop challenge's ranking)"))
     return parser
 
 
@@ -204,6 +226,8 @@ def main(argv: list[str] | None = None) -> int:
             result = _runs(args)
         elif args.command == "reproduce":
             result = _reproduce(args)
+        elif args.command == "leaderboard":
+            result = _leaderboard(args)
         else:
             result = run_job(args.command, from_args(JOBS[args.command].config, args))
     except UserError as e:

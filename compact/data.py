@@ -6,6 +6,12 @@ training (first 80%), calibration (next 10%) and validation (last 10%). Blocks a
 non-overlapping windows of a region, shuffled by a seed, so a given (source, split, seq_len,
 seed) always yields the same blocks.
 
+A fourth split, "heldout" (the workshop challenge's ranking, compact.leaderboard), is text that is
+not in the stream at all, so the three regions above and every number made on them stay as they
+were: for builtin, the standard library's docstrings of 200 to 399 characters (the stream takes
+those of 400 or more); for hf:, the documents that follow the stream's character budget. A file
+or teacher source has no such text and refuses the split.
+
 builtin: the Python Language Reference topics (pydoc_data) and the longer docstrings of the
 standard library: English prose written by Python's contributors, shipped with every
 CPython, under the PSF License 2.0. About 325k tokens with SmolLM2's tokenizer.
@@ -30,6 +36,11 @@ SPLITS = {"train": (0.0, 0.8), "calibration": (0.8, 0.9), "validation": (0.9, 1.
 SKIP_DIRS = {"test", "tests", "idlelib", "site-packages", "lib2to3", "tkinter", "turtledemo",
              "ensurepip", "__pycache__", "dist-packages"}
 HF_CHAR_BUDGET = 20_000_000  # stop streaming a Hub dataset after this much text
+HF_HELDOUT_CHARS = 2_000_000  # the held-out text of a Hub dataset: this much after the stream's
+HELDOUT = "heldout"
+# Docstrings of at least this many characters join the builtin stream; shorter ones down to
+# HELDOUT_MIN_CHARS are the builtin held-out text.
+DOC_MIN_CHARS, HELDOUT_MIN_CHARS = 400, 200
 TEACHER_OPENINGS = [
     "The history of", "In the morning, she", "Scientists have discovered", "Here is a recipe for",
     "The main reason why", "Once upon a time,", "To solve this problem, we", "The city of",
@@ -43,6 +54,19 @@ def builtin_texts() -> list[str]:
     import pydoc_data.topics as topics
 
     docs = [topics.topics[k] for k in sorted(topics.topics)]
+    return docs + [d for d in _stdlib_docstrings() if len(d) >= DOC_MIN_CHARS]
+
+
+def builtin_heldout_texts() -> list[str]:
+    """The builtin held-out text: docstrings too short for the corpus, in the same file order."""
+    return [d for d in _stdlib_docstrings() if len(d) < DOC_MIN_CHARS]
+
+
+@lru_cache(maxsize=1)
+def _stdlib_docstrings() -> tuple[str, ...]:
+    """Every standard-library docstring of HELDOUT_MIN_CHARS or more, in file order (one parse
+    of the library serves the corpus and its held-out text)."""
+    docs = []
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     for root, dirs, files in os.walk(stdlib):
         dirs[:] = sorted(d for d in dirs if d not in SKIP_DIRS)
@@ -56,9 +80,9 @@ def builtin_texts() -> list[str]:
             for node in ast.walk(tree):
                 if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef)):
                     doc = ast.get_docstring(node)
-                    if doc and len(doc) >= 400:
+                    if doc and len(doc) >= HELDOUT_MIN_CHARS:
                         docs.append(doc)
-    return docs
+    return tuple(docs)
 
 
 def _read_text_file(path: Path) -> bytes:
@@ -95,8 +119,11 @@ def file_texts(path: Path) -> list[str]:
     return docs
 
 
-def hf_texts(spec: str) -> list[str]:
-    """hf:NAME[:CONFIG][:SPLIT] through datasets, streamed so large sets are not downloaded."""
+def hf_texts(spec: str, heldout: bool = False) -> list[str]:
+    """hf:NAME[:CONFIG][:SPLIT] through datasets, streamed so large sets are not downloaded.
+
+    heldout: the documents after the stream's HF_CHAR_BUDGET instead, HF_HELDOUT_CHARS of them.
+    """
     parts = spec.split(":")[1:]
     if not parts or not parts[0]:
         raise UserError("hf source needs a name: hf:NAME[:CONFIG][:SPLIT]")
@@ -107,14 +134,16 @@ def hf_texts(spec: str) -> list[str]:
 
         stream = datasets.load_dataset(name, config, split=split, streaming=True)
         docs, chars = [], 0
+        budget = HF_CHAR_BUDGET + (HF_HELDOUT_CHARS if heldout else 0)
         for row in stream:
             text = row.get("text") if isinstance(row, dict) else None
             if text is None:
                 raise UserError(f"dataset {name} has no 'text' column")
             if text.strip():
-                docs.append(text)
+                if not heldout or chars >= HF_CHAR_BUDGET:  # past the stream's documents
+                    docs.append(text)
                 chars += len(text)
-            if chars >= HF_CHAR_BUDGET:
+            if chars >= budget:
                 break
     except UserError:
         raise
@@ -206,9 +235,21 @@ def token_stream(src: str, tokenizer, model=None, progress=None) -> torch.Tensor
     return _encode(texts(src, model, tokenizer, progress), tokenizer)
 
 
+@lru_cache(maxsize=8)
+def heldout_stream(src: str, tokenizer) -> torch.Tensor:
+    """The held-out tokens of a source: text that no other split holds (see the module's note)."""
+    src = (src or "").strip()
+    if src == "builtin":
+        return _encode(builtin_heldout_texts(), tokenizer)
+    if src.startswith("hf:"):
+        return _encode(hf_texts(src, heldout=True), tokenizer)
+    raise UserError(f"'{src}' has no held-out text: the {HELDOUT} split exists for builtin and hf: "
+                    "sources, whose held-out text lies outside the stream the other splits share")
+
+
 def split_region(stream: torch.Tensor, split: str) -> torch.Tensor:
     if split not in SPLITS:
-        raise UserError(f"unknown split '{split}': use {', '.join(SPLITS)}")
+        raise UserError(f"unknown split '{split}': use {', '.join([*SPLITS, HELDOUT])}")
     lo, hi = SPLITS[split]
     n = len(stream)
     return stream[int(n * lo): int(n * hi)]
@@ -223,17 +264,20 @@ def blocks(src: str, tokenizer, split: str, n_blocks: int | None, seq_len: int,
            seed: int = 0, model=None, progress=None) -> torch.Tensor:
     """n_blocks token blocks of seq_len from one split, shuffled by seed.
 
-    progress(fraction, message) hears how the `teacher` source's generation goes.
-    The validation split is never repeated: asking for more than it holds returns all of it.
-    Training and calibration wrap around with a new shuffle per pass, for long runs on a
-    small corpus.
+    The validation and held-out splits are never repeated: asking for more than one holds
+    returns all of it. Training and calibration wrap around with a new shuffle per pass, for
+    long runs on a small corpus. progress(fraction, message) hears how the `teacher` source's
+    generation goes.
     """
     if seq_len < 2:
         raise UserError("sequence length must be at least 2")
     if n_blocks is not None and n_blocks * seq_len > MAX_TOKENS:
         raise UserError(f"{n_blocks * seq_len:,} tokens are more than one run may ask for "
                         f"(at most {MAX_TOKENS:,})")
-    region = split_region(token_stream(src, tokenizer, model, progress), split)
+    if split == HELDOUT:
+        region = heldout_stream((src or "").strip(), tokenizer)
+    else:
+        region = split_region(token_stream(src, tokenizer, model, progress), split)
     available = len(region) // seq_len
     if available == 0:
         raise UserError(f"the {split} split of '{src}' holds {len(region)} tokens, "
@@ -244,7 +288,7 @@ def blocks(src: str, tokenizer, split: str, n_blocks: int | None, seq_len: int,
     if n_blocks <= 0:
         raise UserError("the number of blocks (or tokens) must be positive")
     gen = torch.Generator().manual_seed(seed)
-    if split == "validation":
+    if split in ("validation", HELDOUT):
         return windows[torch.randperm(available, generator=gen)[: min(n_blocks, available)]]
     order = torch.cat([torch.randperm(available, generator=gen)
                        for _ in range(-(-n_blocks // available))])[:n_blocks]

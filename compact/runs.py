@@ -63,6 +63,15 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         " tokens INTEGER NOT NULL, seconds REAL, created REAL NOT NULL,"
         " PRIMARY KEY (model, version, setting, place))",
     ),
+    (  # 3: the workshop challenge (compact.leaderboard): what the host set, and the submissions
+        "CREATE TABLE IF NOT EXISTS challenges (id INTEGER PRIMARY KEY AUTOINCREMENT, budget TEXT,"
+        " tokens TEXT, data TEXT NOT NULL, created REAL NOT NULL)",
+        "CREATE TABLE IF NOT EXISTS submissions (id INTEGER PRIMARY KEY AUTOINCREMENT,"
+        " nickname TEXT NOT NULL, session TEXT, model TEXT NOT NULL, version TEXT NOT NULL, run INTEGER,"
+        " params INTEGER NOT NULL, tokens INTEGER, setting TEXT NOT NULL, ppl REAL NOT NULL,"
+        " loss REAL NOT NULL, created REAL NOT NULL)",
+        "CREATE INDEX IF NOT EXISTS submissions_setting ON submissions(setting)",
+    ),
 )
 VERSION = len(MIGRATIONS)
 JSON_FIELDS = ("inputs", "shape", "metrics", "config")
@@ -189,6 +198,36 @@ class RunStore:
         with self._connect() as db:
             db.execute("INSERT OR REPLACE INTO evaluations VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                        (model, version, setting, place, loss, ppl, tokens, seconds, time.time()))
+
+    def record_challenge(self, budget: str | None, tokens: str | None, data: str) -> None:
+        """A host's challenge; the newest one is the current one."""
+        with self._connect() as db:
+            db.execute("INSERT INTO challenges (budget, tokens, data, created) VALUES (?, ?, ?, ?)",
+                       (budget, tokens, data, time.time()))
+
+    def challenge(self) -> dict | None:
+        """The newest challenge a host set here, or None."""
+        with self._connect() as db:
+            row = db.execute("SELECT * FROM challenges ORDER BY id DESC LIMIT 1").fetchone()
+        return dict(row) if row else None
+
+    def record_submission(self, nickname: str, session: str | None, model: str, version: str,
+                          run: int | None, params: int, tokens: int | None, setting: str, ppl: float,
+                          loss: float) -> int:
+        with self._connect() as db:
+            cur = db.execute(
+                "INSERT INTO submissions (nickname, session, model, version, run, params, tokens, setting,"
+                " ppl, loss, created) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (nickname, session, model, version, run, params, tokens, setting, ppl, loss, time.time()))
+            return int(cur.lastrowid)
+
+    def submissions(self, setting: str | None = None) -> list[dict]:
+        """Submissions (under one held-out setting, when given), oldest first."""
+        sql, args = "SELECT * FROM submissions", ()
+        if setting is not None:
+            sql, args = sql + " WHERE setting=?", (setting,)
+        with self._connect() as db:
+            return [dict(r) for r in db.execute(sql + " ORDER BY id", args).fetchall()]
 
     def set_pid(self, run_id: int, pid: int) -> None:
         """The process that does the run's work (an app's worker), for crash detection."""

@@ -127,8 +127,11 @@ def distill_adapter(teacher, data: str, tokens: int, seq_len: int = 128, batch: 
     return adapt
 
 
-def parse_params(text: str, source_params: int) -> int:
-    """'90M', '1.5B', '90000000', or a fraction of the source such as '0.7'."""
+def parse_params(text: str, source_params: int, what: str = "parameter budget") -> int:
+    """'90M', '1.5B', '90000000', or a fraction of the source such as '0.7'.
+
+    what: the budget's name in the error (a token budget parses the same, without fractions).
+    """
     t = str(text).strip().upper().replace("_", "")
     try:
         if t.endswith(("K", "M", "B")):
@@ -138,9 +141,9 @@ def parse_params(text: str, source_params: int) -> int:
             if 0 < value < 1:
                 value *= source_params
     except ValueError:
-        raise UserError(f"parameter budget must look like 90M, 1.5B, 90000000 or 0.7, got '{text}'") from None
+        raise UserError(f"{what} must look like 90M, 1.5B, 90000000 or 0.7, got '{text}'") from None
     if value <= 0:
-        raise UserError("the parameter budget must be positive")
+        raise UserError(f"the {what} must be positive")
     return int(value)
 
 

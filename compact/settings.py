@@ -53,6 +53,7 @@ class Settings:
     session_quota_gb: float = 5.0  # one visitor's outputs; a job that would pass it is refused first
     model_cache_gb: float = 4.0  # memory bound of the shared model cache
     shared_runs: bool = False  # every visitor sees every run (a private, single-team server)
+    challenge_password: str | None = None  # opens the workshop challenge's host view
 
 
 def _available_gib() -> float:
@@ -108,6 +109,7 @@ def load() -> Settings:
         session_quota_gb=float(os.environ.get("COMPACT_SESSION_QUOTA_GB", "5")),
         model_cache_gb=float(os.environ.get("COMPACT_MODEL_CACHE_GB", "4")),
         shared_runs=_flag("COMPACT_SHARED_RUNS"),
+        challenge_password=os.environ.get("COMPACT_CHALLENGE_PASSWORD") or None,
     )
 
 

@@ -266,3 +266,84 @@ def test_workspace_views_by_clicking(browser):
     b.click_tab("Compare")
     b.wait("(document.querySelector('#cmp-slot-1 input') || {}).value.includes('pruned-1')", 20,
            "the picked model in Compare's first slot")
+
+
+def type_text(b: Browser, elem_id: str, text: str) -> None:
+    """Type into a Textbox (a textarea, or an input for a password)."""
+    assert b.js(f"""(() => {{
+        const el = document.querySelector('#{elem_id} textarea, #{elem_id} input');
+        if (!el) return false;
+        el.value = {json.dumps(text)};
+        el.dispatchEvent(new Event('input', {{bubbles: true}}));
+        el.dispatchEvent(new Event('change', {{bubbles: true}}));
+        return true; }})()"""), f"no text box in #{elem_id}"
+
+
+@pytest.fixture
+def challenge_browser(tmp_path, monkeypatch):
+    """A server of its own with a host password and a short held-out evaluation."""
+    monkeypatch.setenv("COMPACT_CHALLENGE_PASSWORD", "host-secret")
+    monkeypatch.setenv("COMPACT_CHALLENGE_TOKENS", "64K")
+    monkeypatch.setenv("COMPACT_EVAL_TOKENS", "512")
+    monkeypatch.delenv("COMPACT_CHALLENGE_BUDGET", raising=False)
+    with serve(tmp_path) as url:
+        b = Browser(url)
+        try:
+            yield b
+        finally:
+            b.close()
+
+
+def test_challenge_as_a_participant(challenge_browser):
+    """From the start view to the leaderboard: a host sets a budget the default model is over (the
+    submission is refused), then one it fits; the participant's nickname reaches the board."""
+    b = challenge_browser
+    b.wait("document.body.innerText.includes('shrink a language model')", 60, "the page")
+    b.click_button("Challenge")
+    b.wait("document.querySelector('#challenge-nickname') && "
+           "document.querySelector('#challenge-nickname').offsetParent !== null", 20, "the challenge tab")
+    b.wait("document.querySelector('#challenge-rules').innerText.includes('64,000 tokens')", 20, "the rules")
+    type_text(b, "challenge-nickname", "ada lovelace")
+
+    def host(budget: int) -> None:
+        shown = "(e => !!e && e.offsetParent !== null)(document.querySelector('#challenge-password input'))"
+        if not b.js(shown):
+            b.js("(document.querySelector('#challenge-host .label-wrap') || "
+                 "document.querySelector('#challenge-host button')).click()")
+            b.wait(shown, 20, "the host view")
+            b.wait("document.querySelector('#challenge-tokens textarea').value === '64K'", 20,
+                   "the current challenge in the host's fields")
+        type_text(b, "challenge-password", "host-secret")
+        type_text(b, "challenge-budget", str(budget))
+        b.click_button("Set the challenge")
+        b.wait(f"document.querySelector('#challenge-rules').innerText.includes('{budget:,} parameters')", 30,
+               "the new budget in the rules")
+
+    host(100_000_000)
+    b.click_button("Submit to the leaderboard")
+    b.wait("document.body.innerText.includes(\"over the challenge's budget of 100,000,000\")", 90,
+           "the refusal")
+    b.screenshot(SHOTS / "challenge-01-refused.png")
+
+    host(150_000_000)
+    assert "64,000 tokens" in b.text("#challenge-rules")  # the environment's token budget stays
+    b.click_button("Submit to the leaderboard")
+    b.wait("document.querySelector('#challenge-status').innerText.includes('rank 1')", 120, "the submission")
+    status = b.text("#challenge-status")
+    assert "ada lovelace" in status and "held-out perplexity" in status
+    board = b.wait("(t => t.includes('ada lovelace') && t)"
+                   "(document.querySelector('#challenge-board').innerText)", 30, "the nickname on the board")
+    assert "default" in board and "134.52 M" in board
+    b.screenshot(SHOTS / "challenge-02-board.png")
+
+    # a reload is a new session: the nickname comes back from the browser, the board from the store
+    b.js("window.oldPage = true")
+    b.call("Page.reload", session=True)
+    b.wait("!window.oldPage && [...document.querySelectorAll('button')].some(x => x.offsetParent !== null "
+           "&& x.textContent.trim() === 'Challenge' && x.getAttribute('role') !== 'tab')", 60,
+           "the start view again")
+    b.click_button("Challenge")
+    b.wait("document.querySelector('#challenge-nickname textarea').value === 'ada lovelace'", 20,
+           "the nickname kept by the browser")
+    b.wait("document.querySelector('#challenge-board').innerText.includes('ada lovelace')", 20,
+           "the leaderboard after a reload")

@@ -71,3 +71,25 @@ def test_library_messages_name_the_fields_on_screen():
     with pytest.raises(UserError) as e:
         ImportanceConfig(model="default", out="x", samples=0).calibration_blocks(None)
     assert jobs.on_screen(str(e.value)) == "“Samples” must be positive"
+
+
+def test_the_challenge_host_view_needs_the_servers_password(tmp_path, monkeypatch):
+    import dataclasses
+
+    import gradio as gr
+
+    from ui import challenge_tab
+
+    monkeypatch.setenv("COMPACT_RUNS_DB", str(tmp_path / "runs.sqlite"))
+    monkeypatch.setattr(st, "SETTINGS", dataclasses.replace(st.SETTINGS, challenge_password=None))
+    with pytest.raises(gr.Error, match="no host password"):
+        challenge_tab.set_challenge("", "90M", "", "builtin")
+    monkeypatch.setattr(st, "SETTINGS", dataclasses.replace(st.SETTINGS, challenge_password="s3cret"))
+    with pytest.raises(gr.Error, match="wrong host password"):
+        challenge_tab.set_challenge("guess", "90M", "", "builtin")
+    with pytest.raises(gr.Error, match="parameter budget must look like"):  # in the field's words
+        challenge_tab.set_challenge("s3cret", "ninety", "", "builtin")
+    message, rows, rules = challenge_tab.set_challenge("s3cret", "90M", "1M", "builtin")
+    assert message.startswith("Set: at most 90,000,000 parameters, trained on at most 1,000,000 tokens")
+    assert rows == [] and "90,000,000" in rules
+    assert challenge_tab.host_fields() == ("90M", "1M", "builtin")

@@ -9,6 +9,7 @@ import gradio as gr
 
 from compact import cleanup
 from ui import (
+    challenge_tab,
     compare_tab,
     distill_tab,
     experiments_tab,
@@ -51,9 +52,11 @@ def build_app() -> gr.Blocks:
         gr.Markdown(f"# {TITLE}\nLoad a model, see which layers, heads, neurons and channels matter, "
                     "prune or sparsify it, distill it back toward the original, and compare them.")
         ctx = Ctx(state=gr.State(st.new_session()))
+        # Outside every tab: a BrowserState reads the browser's storage only once it is on the page.
+        ctx.components["nickname"] = gr.BrowserState("", storage_key="compact-challenge-nickname")
         with gr.Tabs(selected="start") as tabs:
             for tab in (start_tab, model_tab, importance_tab, prune_tab, sparsify_tab, distill_tab,
-                        compare_tab, experiments_tab, export_tab):
+                        compare_tab, experiments_tab, export_tab, challenge_tab):
                 tab.build(ctx)
         ctx.wire(app)
         ctx.wire_tabs(tabs)

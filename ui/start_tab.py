@@ -40,6 +40,10 @@ STEPS = [
     ("export", "Export",
      "Every model and run of the workspace: the lineage, the size-against-perplexity Pareto plot "
      "(click a point to compare it), and export as a checkpoint or a command that reproduces it."),
+    ("challenge", "Challenge",
+     "A workshop's contest: under your nickname, submit your best model within the host's parameter "
+     "and training-token budgets; a live leaderboard ranks every submission by perplexity on held-out "
+     "text that no step ever trains or calibrates on."),
 ]
 
 INTRO = """## Shrink a language model, step by step
