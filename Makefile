@@ -30,8 +30,10 @@ browser:
 		apt-get update -qq && apt-get install -y -qq chromium >/dev/null; } || \
 		echo "chromium not installed: the browser test will be skipped"
 
+# Two workers, a test file each at a time (module fixtures such as an app server start once):
+# the suite's subprocesses, servers and small models leave a core idle much of the time.
 test: $(STAMP) browser
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n 2 --dist loadfile tests
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q tests -m "$(FAST)"

@@ -23,7 +23,7 @@ def job(tmp_path, tiny_checkpoint, make_model, tokenizer):
 
     def config(out, **kw):
         base = dict(teacher=str(tiny_checkpoint("llama")), student=str(student),
-                    data=str(calib_text(tmp_path)), out=str(tmp_path / out), tokens=24 * 2 * 32,
+                    data=str(calib_text(tmp_path)), out=str(tmp_path / out), tokens=8 * 2 * 32,
                     seq_len=32, batch=2, lr=1e-3, warmup_steps=2, ce_weight=0.5, eval_tokens=64,
                     checkpoint_every=0)
         return distill.DistillConfig(**{**base, **kw})
@@ -38,11 +38,11 @@ def test_a_sliced_distillation_equals_the_unsliced_one(job, tmp_path):
     seen = []
     cfg = job("sliced")
     budget = slices.duration(cfg) - slices.LOAD_S
-    assert 0 < budget < 0.2  # 1,536 tokens at the estimate's speed: a fraction of the run's time
+    assert 0 < budget < 0.1  # 512 tokens at the estimate's speed: a fraction of the run's time
     sliced = slices.run_sliced(functools.partial(lanes._gpu_slice, distill.run), cfg, on_event=seen.append)
-    assert sliced["slices"] >= 2 and sliced["status"] == "done" and sliced["steps"] == whole["steps"] == 24
+    assert sliced["slices"] >= 2 and sliced["status"] == "done" and sliced["steps"] == whole["steps"] == 8
     steps = [e["step"] for e in seen if e.get("kind") == "step"]
-    assert steps == list(range(1, 25))  # every step once, across the slices
+    assert steps == list(range(1, 9))  # every step once, across the slices
     assert max(e["slice"] for e in seen) == sliced["slices"]
     assert sliced["loss"] == whole["loss"] and sliced["val_loss_after"] == whole["val_loss_after"]
     want, got = load_file(str(tmp_path / "whole" / "model.safetensors")), \
@@ -63,10 +63,10 @@ def test_cancel_between_slices_keeps_the_checkpoint(job, tmp_path):
     assert calls == [False, True] and stop.value.result["steps"] == 2
     assert (tmp_path / "cancelled" / "checkpoint" / "progress.json").is_file()
     resumed = distill.run(job("cancelled", resume=True))
-    assert resumed["status"] == "done" and resumed["steps"] == 24
+    assert resumed["status"] == "done" and resumed["steps"] == 8
 
 
 def test_slice_duration_follows_the_job_size(monkeypatch, job):
     monkeypatch.setenv("COMPACT_ZERO_SLICE_S", "90")
-    assert slices.duration(job("a")) == pytest.approx(slices.LOAD_S + 1536 / slices.ZERO_TOKENS_PER_S)
+    assert slices.duration(job("a")) == pytest.approx(slices.LOAD_S + 512 / slices.ZERO_TOKENS_PER_S)
     assert slices.duration(job("b", tokens=10**7)) == 90
