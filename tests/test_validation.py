@@ -163,3 +163,20 @@ def test_cli_validate_adds_the_validation(tiny_checkpoint, tmp_path):
     bad = run_cli("importance", "--model", str(tiny_checkpoint("llama")), "--validate", "heads,rows",
                   "--out", str(out))
     assert bad.returncode == 2 and "unknown axis 'rows'" in bad.stderr
+
+
+def test_importance_tab_plots_each_metric_against_the_truth():
+    from ui import importance_tab
+
+    model = tiny_model("llama", VOCAB)
+    blocks = calib(VOCAB, n=2)
+    scores = _scores(model, blocks)
+    assert len(importance_tab.validation_figure(scores).data) == 0  # not validated: a message
+    summary = validation.validate(model, blocks, scores, ["heads", "layers"], batch_size=2)
+    fig = importance_tab.validation_figure(scores)
+    assert len(fig.data) == len(metrics.WIDTH_METRICS["heads"]) + 2  # + bi, angular
+    first = fig.data[0]
+    assert torch.equal(torch.tensor(first.y), scores.truth["heads"]["loss"])
+    assert torch.allclose(torch.tensor(first.x), scores.heads.flatten())
+    titles = [a.text for a in fig.layout.annotations]
+    assert f"heads: taylor (ρ = {summary['heads']['spearman']['taylor']:.2f})" in titles
