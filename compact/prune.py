@@ -423,6 +423,10 @@ class PruneConfig(TargetOptions, ScoreOptions, LoadOptions):
                                        "or their output-projection columns (output)", choices=HEAD_RESIDUAL)
     eval_tokens: int = option(0, "validation tokens of --data scored before and after (0: none)")
 
+    def __post_init__(self):
+        # Runs recorded before the modes existed hold False/True (compact.reproduce rebuilds them).
+        self.head_residual = _residual_mode(self.head_residual)
+
     def targets(self) -> dict:
         return dict(layers=self.layers, hidden=self.hidden, ffn=self.ffn, heads=self.heads,
                     drop_layers=parse_layer_list(self.drop_layers))
