@@ -12,6 +12,7 @@ from compact import importance, metrics, prune, validation
 from compact.errors import UserError
 from compact.evaluate import loss_on
 from tests.helpers import (
+    FAMILIES,
     calib,
     calib_text,
     kill_channel_readout,
@@ -67,6 +68,24 @@ def test_dead_units_have_zero_truth_and_every_metric_ranks_them_last():
     assert summary["heads"]["units"] == 16 and summary["neurons"]["units"] == 8
     assert summary["layers"]["blocks"] == 4 and set(summary["layers"]["spearman"]) == {"bi", "angular"}
     assert set(summary["heads"]["spearman"]) == set(metrics.WIDTH_METRICS["heads"])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_family_ranks_planted_dead_units_last_by_every_metric(family, make_model, tokenizer):
+    """Fused projections (Conv1D, q|k|v), OPT's flattened MLP: the same planted checks, and the
+    truth of the dead head is exactly 0."""
+    model = make_model(family, kv_heads=4)  # the real vocabulary: some configs pad beyond 512
+    kill_head(model, 1, 2)
+    kill_neuron(model, 2, 17)
+    kill_channel_readout(model, 5)
+    blocks = calib(len(tokenizer), n=6)  # OPT's ReLUs: with fewer tokens other neurons stay silent
+    scores = _scores(model, blocks)
+    for name in metrics.WIDTH_METRICS["heads"]:
+        assert int(scores.width("heads", name).argmin()) == 1 * 4 + 2, name
+    for name in metrics.WIDTH_METRICS["neurons"]:
+        assert int(scores.width("neurons", name).argmin()) == 2 * 128 + 17, name
+    assert int(scores.width("channels", "taylor").argmin()) == 5
+    assert validation.truth(model, blocks, "heads", torch.tensor([1 * 4 + 2]), 2).item() == 0
 
 
 def test_truth_with_replayed_blocks_equals_full_passes():
