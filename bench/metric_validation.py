@@ -10,6 +10,9 @@ against keeping the *lowest*-scored heads, random choices (several seeds) and th
 Then the head residual's modes (off, query, output) on the activation ranking, and the same
 check for layers (Block Influence, angular distance) and samples of neurons and channels.
 Results are written after every step to bench/results/metric-validation.json.
+--distill-tokens N instead distills each 6-head model (activation, activation_out, and the
+activation ranking with each head residual) from the original for N tokens (compact.distill,
+logit KD) and writes the perplexity before and after to metric-validation-distill.json.
 """
 
 from __future__ import annotations
@@ -37,8 +40,11 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=5, help="random head choices")
     ap.add_argument("--sample", type=int, default=32, help="neurons and channels checked")
     ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--distill-tokens", type=int, default=0)
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "metric-validation.json"))
     a = ap.parse_args()
+    if a.distill_tokens:
+        a.out = a.out.replace(".json", "-distill.json")
 
     loaded = models.load(a.model)
     model, tok = loaded.model, loaded.tokenizer
@@ -65,9 +71,12 @@ def main() -> None:
     def ppl(m):
         return evaluate.perplexity(m, val, a.batch)["ppl"]
 
-    step("base_ppl", lambda: ppl(model))
+    if not a.distill_tokens:
+        step("base_ppl", lambda: ppl(model))
     scores = importance.estimate(model, calib, batch_size=a.batch)
     scores.metrics = metrics.extra(model, calib, batch_size=a.batch)
+    if a.distill_tokens:
+        return distill_each(a, loaded, scores, out, save)
 
     def pruned_ppl(heads_scores, residual="off"):
         s = importance.Scores(heads_scores, scores.neurons, scores.channels, scores.channels_per_layer,
@@ -125,6 +134,33 @@ def main() -> None:
         print(f"{axis}: {spearman[axis]}", file=sys.stderr, flush=True)
         save()
     print(out)
+
+
+def distill_each(a, loaded, scores, out, save) -> None:
+    """Prune heads 9 -> 6 several ways, distill each from the original for a few tokens."""
+    import tempfile
+
+    from compact import distill
+
+    out["distill"] = {"tokens": a.distill_tokens, "seq_len": a.val_seq_len, "batch": 2, "lr": 1e-4,
+                      "warmup_steps": 1, "loss": "KL(teacher||student), T = 1"}
+    runs = out.setdefault("runs", {})
+    for name, metric, residual in (("activation", "activation", "off"),
+                                   ("activation_out", "activation_out", "off"),
+                                   ("activation+query_residual", "activation", "query"),
+                                   ("activation+output_residual", "activation", "output"),
+                                   ("taylor", "taylor", "off")):
+        start = time.perf_counter()
+        pruned = prune.trim(loaded.model, scores.using(heads=metric), heads=a.heads, head_residual=residual)
+        student = models.Loaded(model=pruned, tokenizer=loaded.tokenizer, arch=loaded.arch, ref=name)
+        cfg = distill.DistillConfig(teacher=a.model, student=name, out=tempfile.mkdtemp(prefix="mv-distill-"),
+                                    data="builtin", tokens=a.distill_tokens, seq_len=a.val_seq_len, batch=2,
+                                    warmup_steps=1, checkpoint_every=0, eval_tokens=a.val_tokens)
+        result = distill.run(cfg, teacher=loaded, student=student)
+        runs[name] = {"ppl_before": result["val_ppl_before"], "ppl_after": result["val_ppl_after"],
+                      "steps": result.get("steps"), "seconds": round(time.perf_counter() - start, 1)}
+        print(f"{name}: {runs[name]}", file=sys.stderr, flush=True)
+        save()
 
 
 if __name__ == "__main__":
