@@ -94,7 +94,7 @@ def run(model: str | None, src: str, samples: int, seq_len: int, batch_agg: str,
     state.update(scores=scores, scores_path=str(out), scores_ref=ref, scores_command=cmd)
     st.add_output(state, st.Output("importance", str(out), cmd, ref, summary(scores)))
     msg = f"Scores saved as **{Path(out).name}**. {NEXT['importance']}"
-    return (*figures(scores), summary(scores), msg, state, validation_figure(scores))
+    return (*figures(scores), validation_figure(scores), summary(scores), msg, state)
 
 
 SCORES_HELP = """
@@ -180,7 +180,7 @@ def build(ctx: Ctx) -> None:
     follow_models(ctx, model)
     go.click(run, [model, src, samples, seq_len, batch_agg, seq_agg, depth_ppl, ctx.state, extra_metrics,
                    validate],
-             [heads, neurons, channels, layers, result, status, ctx.state, truth], api_name="importance",
+             [heads, neurons, channels, layers, truth, result, status, ctx.state], api_name="importance",
              **HEAVY)
     stop.click(jobs.cancel, None, status, queue=False, api_name="cancel")
     upload.upload(take_upload, upload, src, api_name="upload_importance_data")
