@@ -41,6 +41,7 @@ def main() -> None:
     ap.add_argument("--sample", type=int, default=32, help="neurons and channels checked")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--distill-tokens", type=int, default=0)
+    ap.add_argument("--truth-only", action="store_true", help="skip the pruned perplexities but the truth's")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "metric-validation.json"))
     a = ap.parse_args()
     if a.distill_tokens:
@@ -71,7 +72,7 @@ def main() -> None:
     def ppl(m):
         return evaluate.perplexity(m, val, a.batch)["ppl"]
 
-    if not a.distill_tokens:
+    if not (a.distill_tokens or a.truth_only):
         step("base_ppl", lambda: ppl(model))
     scores = importance.estimate(model, calib, batch_size=a.batch)
     scores.metrics = metrics.extra(model, calib, batch_size=a.batch)
@@ -85,20 +86,21 @@ def main() -> None:
 
     names = list(metrics.WIDTH_METRICS["heads"])
     heads_ppl = out.setdefault("heads_ppl", {})
-    for name in names:
+    for name in [] if a.truth_only else names:
         step(name, lambda n=name: pruned_ppl(scores.width("heads", n)), heads_ppl)
-    step("activation_lowest_kept", lambda: pruned_ppl(-scores.heads), heads_ppl)
+    if not a.truth_only:
+        step("activation_lowest_kept", lambda: pruned_ppl(-scores.heads), heads_ppl)
     randoms = []
-    for seed in range(a.seeds):
+    for seed in range(0 if a.truth_only else a.seeds):
         g = torch.Generator().manual_seed(seed)
         randoms.append(pruned_ppl(torch.rand(scores.heads.shape, generator=g)))
         heads_ppl["random"] = {"seeds": randoms, "median": sorted(randoms)[len(randoms) // 2],
                                "min": min(randoms), "max": max(randoms)}
         save()
     residual = out.setdefault("head_residual_ppl", {})
-    for mode in ("query", "output"):
+    for mode in () if a.truth_only else ("query", "output"):
         step(mode, lambda m=mode: pruned_ppl(scores.heads, m), residual)
-    residual["off"] = heads_ppl["activation"]
+    residual["off"] = heads_ppl.get("activation")
 
     # The truth for every head, then how each metric ranks against it.
     spearman = out.setdefault("spearman", {})
@@ -113,6 +115,11 @@ def main() -> None:
     spearman["heads"]["activation_lowest"] = validation.spearman(-scores.heads, truth)
     group = scores.heads.shape[1] // loaded.shape.kv_heads
     # Inside each KV group pruning drops the lowest heads: how often a metric drops the truth's.
+    # Pruning ranks heads only inside each KV group: the mean Spearman over the groups.
+    by_group = out.setdefault("heads_group_spearman", {})
+    for n in names:
+        pairs = zip(scores.width("heads", n).view(-1, group), truth.view(-1, group), strict=True)
+        by_group[n] = sum(validation.spearman(m, t) for m, t in pairs) / truth.view(-1, group).shape[0]
     agree = out.setdefault("heads_dropped_as_truth", {})
     drop = group - a.heads // loaded.shape.kv_heads
     truth_drop = truth.view(-1, group).argsort(dim=1)[:, :drop].sort().values
