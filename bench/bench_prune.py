@@ -137,8 +137,8 @@ def quality(loaded, calib, val, batch, keep: float, depth_blocks: int, out: dict
     step("depth_ppl_metric_ppl",
          lambda: ppl(prune.trim(model, scores, layers=depth.layers, depth_metric="ppl")))
     step("heads6_ppl", lambda: ppl(prune.trim(model, scores, heads=6)))
-    step("heads6_head_residual_ppl", lambda: ppl(prune.trim(model, scores, heads=6, head_residual=True)))
-    step("width_head_residual_ppl", lambda: ppl(prune.trim(model, scores, head_residual=True, **wt)))
+    step("heads6_head_residual_ppl", lambda: ppl(prune.trim(model, scores, heads=6, head_residual="query")))
+    step("width_head_residual_ppl", lambda: ppl(prune.trim(model, scores, head_residual="query", **wt)))
     aggs = out.setdefault("width_ppl_by_aggregation", {"batch=l2,seq=mean": out["width_ppl"]})
     for b, q in [("mean", "mean"), ("l2", "l2"), ("var", "mean"), ("mean", "l2"), ("l2", "var"),
                  ("mean", "var"), ("var", "l2"), ("var", "var")]:

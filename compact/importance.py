@@ -38,6 +38,7 @@ META_KEY = "compact_scores"
 # name -> (label, how it is computed)
 DEPTH_METRICS = {
     "bi": ("Block Importance", "1 - mean cos(block input, block output), from the main pass"),
+    "angular": ("angular distance", "mean arccos(cos(block input, block output)) / pi, from the main pass"),
     "ppl": ("perplexity", "calibration-loss increase when the layer alone is skipped (--depth-ppl)"),
 }
 
@@ -50,6 +51,12 @@ class Scores:
     channels_per_layer: torch.Tensor  # (layers, hidden): the norms of each block (Gemma: four)
     layers: dict[str, torch.Tensor] = field(default_factory=dict)  # DEPTH_METRICS name -> (layers,)
     meta: dict = field(default_factory=dict)
+    # Width metrics beside the activation score (compact.metrics): field name -> metric -> tensor
+    # shaped like that field, e.g. metrics["heads"]["taylor"]; saved as metric.heads.taylor.
+    metrics: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    # Ablation truth of sampled units (compact.validation): axis -> {"units": flat indices,
+    # "loss": loss increase}; saved as truth.<axis>.units / truth.<axis>.loss.
+    truth: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
 
     @property
     def layers_bi(self) -> torch.Tensor | None:
@@ -80,16 +87,43 @@ class Scores:
         """The final norm's share of `channels` (the rest is channels_per_layer summed)."""
         return self.channels - self.channels_per_layer.sum(0)
 
+    def width(self, axis: str, metric: str = "activation") -> torch.Tensor:
+        """One axis's scores by a metric (compact.metrics.WIDTH_METRICS)."""
+        from compact.metrics import WIDTH_METRICS
+
+        if metric not in WIDTH_METRICS[axis]:
+            raise UserError(f"unknown {axis} metric '{metric}': use {', '.join(WIDTH_METRICS[axis])}")
+        if metric == "activation":
+            return getattr(self, axis)
+        if metric not in self.metrics.get(axis, {}):
+            raise UserError(f"these scores have no {metric} {axis} scores: run importance with "
+                            "--extra-metrics (or --validate)")
+        return self.metrics[axis][metric]
+
+    def using(self, heads: str = "activation", neurons: str = "activation",
+              channels: str = "activation") -> Scores:
+        """These scores with each width axis ranked by the metric named (activation: unchanged)."""
+        per_layer = (self.channels_per_layer if channels == "activation"
+                     else self.metrics.get("channels_per_layer", {}).get(channels))
+        return Scores(heads=self.width("heads", heads), neurons=self.width("neurons", neurons),
+                      channels=self.width("channels", channels), channels_per_layer=per_layer,
+                      layers=dict(self.layers), meta={**self.meta, "ranked_by": dict(
+                          heads=heads, neurons=neurons, channels=channels)},
+                      metrics=self.metrics, truth=self.truth)
+
     def tensors(self) -> dict[str, torch.Tensor]:
         """Flat name -> tensor, as in the file: depth metrics as layers_<name>."""
         return {**{k: getattr(self, k) for k in SCORE_FIELDS},
-                **{f"layers_{k}": v for k, v in self.layers.items()}}
+                **{f"layers_{k}": v for k, v in self.layers.items()},
+                **{f"metric.{axis}.{k}": v for axis, m in self.metrics.items() for k, v in m.items()},
+                **{f"truth.{axis}.{k}": v for axis, t in self.truth.items() for k, v in t.items()}}
 
     def save(self, path) -> Path:
         """One .safetensors file: the score tensors, settings as JSON in the header metadata."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tensors = {k: v.detach().float().cpu().contiguous() for k, v in self.tensors().items()}
+        tensors = {k: (v.detach().float() if v.is_floating_point() else v.detach()).cpu().contiguous()
+                   for k, v in self.tensors().items()}
         save_file(tensors, str(path), metadata={META_KEY: json.dumps(self.meta, default=str)})
         return path
 
@@ -107,9 +141,16 @@ class Scores:
         missing = [k for k in (*SCORE_FIELDS, "layers_bi") if k not in tensors]
         if meta is None or missing:
             raise UserError(f"{path} is not an importance file written by compact")
+        nested = {"metric": {}, "truth": {}}
+        for k, v in tensors.items():
+            kind, _, rest = k.partition(".")
+            if kind in nested and "." in rest:
+                axis, name = rest.split(".", 1)
+                nested[kind].setdefault(axis, {})[name] = v
         scores = cls(**{k: tensors[k] for k in SCORE_FIELDS}, meta=meta,
                      layers={k.removeprefix("layers_"): v for k, v in tensors.items()
-                             if k.startswith("layers_") and k.removeprefix("layers_") in DEPTH_METRICS})
+                             if k.startswith("layers_") and k.removeprefix("layers_") in DEPTH_METRICS},
+                     metrics=nested["metric"], truth=nested["truth"])
         scores.check()
         return scores
 
@@ -124,7 +165,9 @@ class Scores:
 
     def to(self, device) -> Scores:
         return Scores(**{k: getattr(self, k).to(device) for k in SCORE_FIELDS},
-                      layers={k: v.to(device) for k, v in self.layers.items()}, meta=dict(self.meta))
+                      layers={k: v.to(device) for k, v in self.layers.items()}, meta=dict(self.meta),
+                      metrics={a: {k: v.to(device) for k, v in m.items()} for a, m in self.metrics.items()},
+                      truth=self.truth)
 
 
 def _seq_reduce(x: torch.Tensor, how: str) -> torch.Tensor:
@@ -198,6 +241,7 @@ def estimate(model, blocks: torch.Tensor, batch_agg: str = "l2", seq_agg: str = 
     norm_stats = [[_BatchStat() for _ in arch.block_norms(b)] for b in layers]
     final_stat = _BatchStat()
     cos_sum = torch.zeros(len(layers), dtype=torch.float64, device=device)
+    angle_sum = torch.zeros(len(layers), dtype=torch.float64, device=device)
     cos_count = [0]
 
     def on_heads(stat):
@@ -225,6 +269,7 @@ def estimate(model, blocks: torch.Tensor, batch_agg: str = "l2", seq_agg: str = 
             x_in, x_out = _hidden_in(args, kwargs).float(), _hidden_out(output).float()
             cos = torch.nn.functional.cosine_similarity(x_in, x_out, dim=-1)
             cos_sum[index] += cos.double().sum()
+            angle_sum[index] += torch.arccos(cos.double().clamp(-1, 1)).sum() / math.pi
             if index == 0:
                 cos_count[0] += cos.numel()
         return hook
@@ -259,7 +304,8 @@ def estimate(model, blocks: torch.Tensor, batch_agg: str = "l2", seq_agg: str = 
         neurons=torch.stack([s.result(batch_agg) for s in neurons]),
         channels=per_layer.sum(0) + final_stat.result(batch_agg),
         channels_per_layer=per_layer,
-        layers={"bi": (1 - cos_sum / cos_count[0]).float().cpu()},
+        layers={"bi": (1 - cos_sum / cos_count[0]).float().cpu(),
+                "angular": (angle_sum / cos_count[0]).float().cpu()},
         meta={
             "model": getattr(model.config, "_name_or_path", "") or "",
             "family": arch.family,
@@ -338,20 +384,41 @@ class CalibrationOptions:
                            model=loaded.model, progress=progress)
 
     def estimate(self, loaded, depth_ppl: bool = False, progress: Progress | None = None,
-                 should_stop: StopCheck | None = None) -> Scores:
-        blocks = self.calibration_blocks(loaded, progress)
+                 should_stop: StopCheck | None = None, extra: bool = False, blocks=None) -> Scores:
+        """Scores on the calibration blocks; extra adds compact.metrics' (one backward pass)."""
+        from compact import metrics
+
+        blocks = self.calibration_blocks(loaded, progress) if blocks is None else blocks
         if progress is not None:
             progress(0.0, f"importance on {len(blocks)} blocks of {self.seq_len} tokens from {self.data}")
+        share = 0.5 if extra else 1.0
         scores = estimate(loaded.model, blocks, self.batch_agg, self.seq_agg, self.batch, depth_ppl,
-                          progress=progress, should_stop=should_stop)
-        scores.meta.update(model=loaded.ref, data=self.data)
+                          progress=_part(progress, 0, share), should_stop=should_stop)
+        if extra:
+            scores.metrics = metrics.extra(loaded.model, blocks, self.batch_agg, self.seq_agg, self.batch,
+                                           _part(progress, share, 1 - share), should_stop)
+        scores.meta.update(model=loaded.ref, data=self.data, extra_metrics=bool(extra))
         return scores
+
+
+def _part(progress: Progress | None, start: float, share: float) -> Progress | None:
+    """progress for one step that covers [start, start + share] of the job."""
+    if progress is None:
+        return None
+    return lambda fraction, message=None: progress(start + share * fraction, message)
 
 
 @dataclass(kw_only=True)
 class ImportanceConfig(CalibrationOptions, LoadOptions):
     model: str = option(help="Hub id, local folder, .gguf file or 'default'")
     depth_ppl: bool = option(False, "also the loss increase when each layer is skipped (one pass per layer)")
+    extra_metrics: bool = option(False, "also output-projection, first-order Taylor and Wanda-style scores "
+                                        "per head and neuron, Taylor per channel (one backward pass)")
+    validate: str | None = option(None, "check every metric against the ablation truth on these axes, e.g. "
+                                        "heads,layers (of heads,neurons,channels,layers; one pass per unit; "
+                                        "implies --extra-metrics)")
+    validate_units: int = option(64, "neurons and channels sampled (seeded) for --validate")
+    validate_blocks: int = option(0, "calibration blocks the ablation truth uses (0: all)")
     out: str = option(help="scores file (.safetensors)")
 
 
@@ -359,11 +426,24 @@ def run(cfg: ImportanceConfig, progress: Progress | None = None, should_stop: St
         loaded=None) -> dict:
     """The importance job: estimate every score on the calibration blocks, save them to cfg.out."""
 
+    from compact import validation
+
+    axes = validation.parse_axes(cfg.validate)  # before any slow pass
+    if cfg.validate_blocks < 0:
+        raise UserError("--validate-blocks must be 0 (all) or positive")
     loaded = loaded or cfg.load(cfg.model)
     loaded.require_minitron()  # before reading any calibration text
-    scores = cfg.estimate(loaded, cfg.depth_ppl, progress, should_stop)
+    blocks = cfg.calibration_blocks(loaded, progress)
+    share = 0.3 if axes else 1.0
+    scores = cfg.estimate(loaded, cfg.depth_ppl, _part(progress, 0, share), should_stop,
+                          extra=cfg.extra_metrics or bool(axes), blocks=blocks)
+    result = {}
+    if axes:
+        result["validation"] = validation.validate(
+            loaded.model, blocks[:cfg.validate_blocks or None], scores, axes, cfg.validate_units,
+            batch_size=cfg.batch, progress=_part(progress, share, 1 - share), should_stop=should_stop)
     path = scores.save(cfg.out)
     order = scores.layers_bi.argsort().tolist()
     return {"model": cfg.model, "out": str(path), **{k: scores.meta[k] for k in (
-            "family", "samples", "seq_len", "batch_agg", "seq_agg", "depth_ppl")},
-            "least_important_layers_bi": order[:5]}
+            "family", "samples", "seq_len", "batch_agg", "seq_agg", "depth_ppl", "extra_metrics")},
+            "least_important_layers_bi": order[:5], **result}

@@ -33,6 +33,7 @@ from compact import arch as arch_mod
 from compact import arch_generic, scoreboard
 from compact.errors import UserError
 from compact.importance import DEPTH_METRICS, CalibrationOptions, Progress, Scores, StopCheck
+from compact.metrics import WIDTH_METRICS
 from compact.options import LoadOptions, option
 from compact.scoreboard import ScoreOptions
 from compact.shapes import Shape, shape_error
@@ -238,6 +239,20 @@ def _residual_pairs(scores: Scores, layer: int, p: Plan, position: int) -> list[
     return pairs
 
 
+# Where the head residual goes: off; query (the paper's reading: each kept query head's query
+# projection rows; K and V, shared by a GQA group, stay); output (the same formula on the head's
+# output-projection columns instead).
+HEAD_RESIDUAL = ("off", "query", "output")
+
+
+def _residual_mode(value) -> str:
+    """The mode of a head_residual argument (False/True from older callers: off/query)."""
+    mode = {False: "off", True: "query", None: "off"}.get(value, value)
+    if mode not in HEAD_RESIDUAL:
+        raise UserError(f"unknown head residual '{value}': use {', '.join(HEAD_RESIDUAL)}")
+    return mode
+
+
 def _apply_head_residual(t: torch.Tensor, dim: int, pairs, head_dim: int, stride: int) -> torch.Tensor:
     """new head_i = head_i + (head_i - head_j) on the head's slice of t along dim; query head
     h's slice starts at h * stride."""
@@ -249,12 +264,20 @@ def _apply_head_residual(t: torch.Tensor, dim: int, pairs, head_dim: int, stride
     return t
 
 
-def apply(model, p: Plan, scores: Scores | None = None, head_residual: bool = False):
+def _output_prefix(arch, model) -> str:
+    """The attention output projection's parameter-name prefix inside a block."""
+    block = arch.blocks(model)[0]
+    return next(name for name, m in block.named_modules() if m is arch.attn_out(block)) + "."
+
+
+def apply(model, p: Plan, scores: Scores | None = None, head_residual: str = "off"):
     """A new model of the plan's shape holding the kept slices of model's weights."""
     arch = arch_generic.minitron_adapter(model)
     s = p.source
-    if head_residual and scores is None:
+    head_residual = _residual_mode(head_residual)
+    if head_residual != "off" and scores is None:
         raise UserError("the head residual needs head importance scores")
+    output_prefix = _output_prefix(arch, model)
     model_axes, block_axes = arch.model_axes(), arch.block_axes()
     position = {layer: n for n, layer in enumerate(p.layers)}
     channels = torch.tensor(p.channels, dtype=torch.long)
@@ -269,10 +292,13 @@ def apply(model, p: Plan, scores: Scores | None = None, head_residual: bool = Fa
             axes = block_axes.get(name)
             index = _block_index(s, channels, p.heads[n], p.kv_heads[n], p.neurons[n])
             key = f"{arch.layers_prefix}{n}.{name}"
-            if head_residual and p.shape.heads < s.heads and axes is not None:
+            # The output projection's "q" axis is its input (head columns); every other
+            # query-head axis is a query projection's output (head rows).
+            side = "output" if name.startswith(output_prefix) else "query"
+            if head_residual == side and p.shape.heads < s.heads and axes is not None:
                 pairs = _residual_pairs(scores, layer, p, n)
                 for dim, axis in enumerate(axes):
-                    if axis in QUERY_STRIDE:  # query heads only
+                    if axis in QUERY_STRIDE:
                         tensor = _apply_head_residual(tensor, dim, pairs, s.head_dim,
                                                       QUERY_STRIDE[axis] * s.head_dim)
         else:
@@ -298,14 +324,14 @@ def apply(model, p: Plan, scores: Scores | None = None, head_residual: bool = Fa
 
 
 def trim(model, scores: Scores | None, layers=None, hidden=None, ffn=None, heads=None,
-         depth_metric: str = "bi", drop_layers=None, head_residual: bool = False):
+         depth_metric: str = "bi", drop_layers=None, head_residual: str = "off"):
     """The model pruned to the targets (None keeps an axis); a new model, the source unchanged."""
     return trim_with_plan(model, scores, layers, hidden, ffn, heads, depth_metric, drop_layers,
                           head_residual)[0]
 
 
 def trim_with_plan(model, scores, layers=None, hidden=None, ffn=None, heads=None,
-                   depth_metric="bi", drop_layers=None, head_residual=False):
+                   depth_metric="bi", drop_layers=None, head_residual="off"):
     arch = arch_generic.minitron_adapter(model)
     p = plan(scores, arch.shape(model.config), layers, hidden, ffn, heads, depth_metric,
              drop_layers, family=arch.family)
@@ -316,7 +342,7 @@ def param_count(model) -> int:
     return sum(t.numel() for t in model.parameters())
 
 
-def prune_and_save(loaded, scores: Scores | None, out, head_residual: bool = False,
+def prune_and_save(loaded, scores: Scores | None, out, head_residual: str = "off",
                    depth_metric: str = "bi", **targets) -> dict:
     """Prune loaded.model to the targets and write a standard checkpoint with compact.json."""
     from compact import models
@@ -333,7 +359,8 @@ def prune_and_save(loaded, scores: Scores | None, out, head_residual: bool = Fal
         "shape": p.shape.to_dict(),
         "targets": {k: v for k, v in targets.items() if v is not None},
         "depth_metric": depth_metric,
-        "head_residual": bool(head_residual),
+        "head_residual": _residual_mode(head_residual),
+        "ranked_by": scores.meta.get("ranked_by") if scores is not None else None,
         "kept_layers": p.layers,
         "dropped_layers": p.dropped_layers,
         "importance": scores.meta if scores is not None else None,
@@ -366,13 +393,29 @@ class TargetOptions(CalibrationOptions):
     depth_metric: str = option("bi", "which layers go: lowest Block Importance (bi) or loss increase (ppl)",
                                choices=DEPTH_METRICS)
     importance: str | None = option(None, "scores file from 'importance' (else computed from --data)")
+    head_metric: str = option("activation", "rank heads by (compact.metrics; all but activation need "
+                                            "importance --extra-metrics)", choices=WIDTH_METRICS["heads"])
+    neuron_metric: str = option("activation", "rank MLP neurons by", choices=WIDTH_METRICS["neurons"])
+    channel_metric: str = option("activation", "rank embedding channels by",
+                                 choices=WIDTH_METRICS["channels"])
 
     def scores_for(self, loaded, needed: bool, progress=None, should_stop=None) -> Scores | None:
         if self.importance:
-            return Scores.load(self.importance)
+            return self.ranked(Scores.load(self.importance))
         if not needed:
             return None
-        return self.estimate(loaded, self.depth_metric == "ppl", progress, should_stop)
+        return self.ranked(self.estimate(loaded, self.depth_metric == "ppl", progress, should_stop,
+                                         extra=self.needs_extra_metrics))
+
+    @property
+    def needs_extra_metrics(self) -> bool:
+        return any(m != "activation" for m in (self.head_metric, self.neuron_metric, self.channel_metric))
+
+    def ranked(self, scores: Scores | None) -> Scores | None:
+        """scores ranked by the chosen metrics (unchanged for the activation score)."""
+        if scores is None or not self.needs_extra_metrics:
+            return scores
+        return scores.using(self.head_metric, self.neuron_metric, self.channel_metric)
 
 
 @dataclass(kw_only=True)
@@ -385,9 +428,14 @@ class PruneConfig(TargetOptions, ScoreOptions, LoadOptions):
     heads: int | None = option(None, "query heads per layer to keep")
     samples: int = option(64, "calibration blocks")
     drop_layers: str | None = option(None, "explicit layers to drop, e.g. 3,5")
-    head_residual: bool = option(False, "fold pruned heads into kept ones (the paper's head residual; "
-                                        "off by default)")
+    head_residual: str = option("off", "the paper's head residual, new head_i = 2 head_i - head_j for the "
+                                       "weakest kept heads: in their query rows (query, the paper's reading) "
+                                       "or their output-projection columns (output)", choices=HEAD_RESIDUAL)
     eval_tokens: int = option(0, "validation tokens of --data scored before and after (0: none)")
+
+    def __post_init__(self):
+        # Runs recorded before the modes existed hold False/True (compact.reproduce rebuilds them).
+        self.head_residual = _residual_mode(self.head_residual)
 
     def targets(self) -> dict:
         return dict(layers=self.layers, hidden=self.hidden, ffn=self.ffn, heads=self.heads,
@@ -407,10 +455,12 @@ def run(cfg: PruneConfig, progress: Progress | None = None, should_stop: StopChe
     target, drop = resolve_targets(loaded.shape, cfg.layers, cfg.hidden, cfg.ffn, cfg.heads,
                                    targets["drop_layers"], loaded.arch.hidden_tied_to_heads)
     src = loaded.shape
-    needed = (cfg.head_residual or (target.layers < src.layers and drop is None)
+    needed = (cfg.head_residual != "off" or (target.layers < src.layers and drop is None)
               or (target.hidden, target.ffn, target.heads) != (src.hidden, src.ffn, src.heads))
     if scores is None:
         scores = cfg.scores_for(loaded, needed, progress, should_stop)
+    else:
+        scores = cfg.ranked(scores)
     if progress is not None:
         progress(0.95, "trimming")
     summary = prune_and_save(loaded, scores, cfg.out, head_residual=cfg.head_residual,

@@ -192,7 +192,7 @@ def run(cfg: SearchConfig, progress: Progress | None = None, should_stop: StopCh
     if progress is not None:
         progress(0.0, f"{len(found)} shapes within {cfg.tolerance:.0%} of {budget:,} parameters; "
                       f"scoring {len(chosen)}")
-    scores = scores or cfg.scores_for(loaded, True, progress, should_stop)
+    scores = cfg.ranked(scores) if scores is not None else cfg.scores_for(loaded, True, progress, should_stop)
     blocks = cfg.calibration_blocks(loaded)
     adapt = None
     if cfg.adapt_tokens:

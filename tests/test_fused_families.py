@@ -62,13 +62,13 @@ def test_phi3_prunes_exactly_like_the_same_llama(make_model, tokenizer):
     ids = calib(len(tokenizer), n=2)
     torch.testing.assert_close(_logits(llama, ids), _logits(phi3, ids), atol=1e-5, rtol=0)
     scores = _scores(phi3)
-    targets = dict(layers=3, hidden=48, ffn=96, heads=2, head_residual=True)
+    targets = dict(layers=3, hidden=48, ffn=96, heads=2, head_residual="query")
     pruned_phi3 = prune.trim(phi3, scores, **targets)
     pruned_llama = prune.trim(llama, scores, **targets)
     assert pruned_phi3.config.model_type == "phi3"
     out = _logits(pruned_phi3, ids)
     torch.testing.assert_close(out, _logits(pruned_llama, ids), atol=1e-5, rtol=0)
-    unfolded = prune.trim(phi3, scores, **{**targets, "head_residual": False})
+    unfolded = prune.trim(phi3, scores, **{**targets, "head_residual": "off"})
     assert (out - _logits(unfolded, ids)).abs().max() > 1e-3  # the residual did act
 
 
@@ -77,7 +77,7 @@ def test_gpt_neox_head_residual_acts_on_the_query_of_each_interleaved_head(make_
     scores = _scores(model)
     scores.heads[:] = torch.tensor([4.0, 3.0, 1.0, 2.0])  # keep 0, 1; pairs (0, 2) and (1, 3)
     plain = prune.trim(model, scores, heads=2)
-    folded, plan = prune.trim_with_plan(model, scores, heads=2, head_residual=True)
+    folded, plan = prune.trim_with_plan(model, scores, heads=2, head_residual="query")
     ch = torch.tensor(plan.channels)  # hidden follows heads (32 of 64 channels)
     d, qkv = 16, model.gpt_neox.layers[0].attention.query_key_value
     w, b = qkv.weight[:, ch], qkv.bias

@@ -266,22 +266,33 @@ def test_qwen2_sliding_layers_stay_consistent(make_model, tokenizer, tmp_path):
     torch.testing.assert_close(logits(reloaded, ids), logits(pruned, ids), atol=ATOL, rtol=0)
 
 
-def test_head_residual_folds_pruned_heads_into_kept_ones(make_model):
-    model = make_model("llama")
+@pytest.mark.parametrize("mode", ["query", "output"])
+def test_head_residual_changes_exactly_the_chosen_rows(make_model, mode):
+    """Kept head i becomes head_i + (head_i - head_j) in its query rows (query) or its
+    output-projection columns (output), in every layer; every other weight is the plain prune's."""
+    model = make_model("llama")  # 4 query heads of 16 dims in 2 KV groups
     scores = fake_scores(model)
     scores.heads[:] = torch.tensor([4.0, 3.0, 1.0, 2.0])  # group 0 keeps 0 (drops 1), group 1 keeps 3
-    plain = prune.trim(model, scores, heads=2)
-    folded = prune.trim(model, scores, heads=2, head_residual=True)
-    q = model.model.layers[0].self_attn.q_proj.weight
-    o = model.model.layers[0].self_attn.o_proj.weight
-    fq = folded.model.layers[0].self_attn.q_proj.weight
-    fo = folded.model.layers[0].self_attn.o_proj.weight
-    d = 16
-    torch.testing.assert_close(fq[:d], 2 * q[:d] - q[d:2 * d])  # head 0 <- 2 head 0 - head 1
-    torch.testing.assert_close(fq[d:], 2 * q[3 * d:] - q[2 * d:3 * d])  # head 3 <- 2 head 3 - head 2
-    torch.testing.assert_close(fo[:, :d], 2 * o[:, :d] - o[:, d:2 * d])
-    assert torch.equal(folded.model.layers[0].self_attn.k_proj.weight,
-                       plain.model.layers[0].self_attn.k_proj.weight)
+    plain = prune.trim(model, scores, heads=2).state_dict()
+    folded = prune.trim(model, scores, heads=2, head_residual=mode).state_dict()
+    source, d, changed = model.state_dict(), 16, set()
+    for layer in range(4):
+        if mode == "query":
+            key = f"model.layers.{layer}.self_attn.q_proj.weight"
+            w, new = source[key], folded[key]
+            assert torch.equal(new[:d], 2 * w[:d] - w[d:2 * d])  # head 0 <- 2 head 0 - head 1
+            assert torch.equal(new[d:], 2 * w[3 * d:] - w[2 * d:3 * d])  # head 3 <- 2 head 3 - head 2
+        else:
+            key = f"model.layers.{layer}.self_attn.o_proj.weight"
+            w, new = source[key], folded[key]
+            assert torch.equal(new[:, :d], 2 * w[:, :d] - w[:, d:2 * d])
+            assert torch.equal(new[:, d:], 2 * w[:, 3 * d:] - w[:, 2 * d:3 * d])
+        changed.add(key)
+    assert folded.keys() == plain.keys()
+    for key in plain.keys() - changed:
+        assert torch.equal(folded[key], plain[key]), key
+    with pytest.raises(UserError, match="unknown head residual"):
+        prune.trim(model, scores, heads=2, head_residual="both")
 
 
 def _source(family="llama"):

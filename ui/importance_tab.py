@@ -6,7 +6,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from compact import importance
+from compact import importance, validation
 from compact.jobs import command_line
 from compact.options import default
 from ui import jobs, plots
@@ -49,6 +49,16 @@ def figures(scores: importance.Scores | None, plan=None) -> tuple:
             plots.layers(scores.layers_bi, scores.layers_ppl, kept_layers))
 
 
+def validation_figure(scores: importance.Scores | None):
+    """Each metric against the ablation truth, for the axes the scores were validated on."""
+    axes = {}
+    for axis, t in (scores.truth if scores is not None else {}).items():
+        spearman = scores.meta.get("validation", {}).get(axis, {}).get("spearman", {})
+        axes[axis] = {"truth": t["loss"], "units": t["units"], "spearman": spearman,
+                      "metrics": validation.metric_values(axis, scores, t["units"].long())}
+    return plots.metrics_vs_truth(axes)
+
+
 def summary(scores: importance.Scores) -> dict:
     def shape(t):
         return None if t is None else list(t.shape)
@@ -61,7 +71,8 @@ def summary(scores: importance.Scores) -> dict:
 @gpu
 @jobs.user_errors
 def run(model: str | None, src: str, samples: int, seq_len: int, batch_agg: str, seq_agg: str,
-        depth_ppl: bool, state: dict | None, request: gr.Request, progress=gr.Progress()):
+        depth_ppl: bool, state: dict | None, request: gr.Request, extra_metrics: bool = False,
+        validate: list[str] | None = None, progress=gr.Progress()):
     state = st.session(state)
     sid = jobs.session_id(request)
     samples, seq_len = int(samples), int(seq_len)
@@ -73,7 +84,8 @@ def run(model: str | None, src: str, samples: int, seq_len: int, batch_agg: str,
     out = st.next_output(sid, "importance").with_suffix(".safetensors")
     cfg = importance.ImportanceConfig(model=ref, data=st.check_data(src), samples=samples,
                                       seq_len=seq_len, batch_agg=batch_agg, seq_agg=seq_agg,
-                                      depth_ppl=bool(depth_ppl), out=str(out))
+                                      depth_ppl=bool(depth_ppl), extra_metrics=bool(extra_metrics),
+                                      validate=",".join(validate or []) or None, out=str(out))
     jobs.run_to_end(lambda job: importance.run(cfg, job.progress, job.should_stop, loaded=loaded),
                     sid, "importance", progress, base_model=ref, inputs=vars(cfg), artifact=str(out),
                     config=cfg)
@@ -83,7 +95,7 @@ def run(model: str | None, src: str, samples: int, seq_len: int, batch_agg: str,
     state.update(scores=scores, scores_path=str(out), scores_ref=ref, scores_command=cmd)
     st.add_output(state, st.Output("importance", str(out), cmd, ref, summary(scores)))
     msg = f"Scores saved as **{Path(out).name}**. {NEXT['importance']}"
-    return (*figures(scores), summary(scores), msg, state)
+    return (*figures(scores), validation_figure(scores), summary(scores), msg, state)
 
 
 SCORES_HELP = """
@@ -100,6 +112,14 @@ SCORES_HELP = """
   input and output hidden states. A layer that barely turns the hidden state scores near 0.
 - **Layer perplexity**: the validation perplexity with that one layer removed: slower (one pass
   per layer) but measures the damage directly.
+- **Other metrics** (*Extra metrics*, one backward pass), each usable for pruning on the Prune tab:
+  **activation_out** = what a head or neuron writes into the residual stream (its output through
+  the output projection); **taylor** = |gradient × weight| summed over its output-projection
+  columns (a channel: over its norm weights); **wanda** = |weight| × input norm, summed likewise.
+  **Angular distance** (layers): the mean angle between a layer's input and output.
+- **Validate against the truth**: for each part (every head and layer, 64 sampled neurons and
+  channels), the calibration loss increase when that part alone is removed (one pass per part,
+  slow), and each metric's Spearman rank correlation with it; the scatter plots below show them.
 """
 
 
@@ -122,8 +142,12 @@ def build(ctx: Ctx) -> None:
                                   value=default(importance.ImportanceConfig, "seq_agg"))
             depth_ppl = gr.Checkbox(value=default(importance.ImportanceConfig, "depth_ppl"),
                                     label="Layer perplexity (one pass per layer, slower)")
+            extra_metrics = gr.Checkbox(value=default(importance.ImportanceConfig, "extra_metrics"),
+                                        label="Extra metrics (output, Taylor, Wanda; one backward pass)")
+            validate = gr.CheckboxGroup(list(validation.AXES), value=[], elem_id="imp-validate",
+                                        label="Validate against the truth (one pass per part, slow)")
         jobs.fields(data=src, samples=samples, seq_len=seq_len, batch_agg=batch_agg, seq_agg=seq_agg,
-                    depth_ppl=depth_ppl)
+                    depth_ppl=depth_ppl, extra_metrics=extra_metrics, validate=validate)
         upload = upload_box("calibration")
         with gr.Row():
             go, stop = job_buttons("Estimate importance")
@@ -149,9 +173,15 @@ def build(ctx: Ctx) -> None:
         channels = gr.Plot(plots.empty("Run importance to see scores"), label="Embedding channels")
         gr.Markdown("Embedding (hidden) channels sorted by their score summed over layers (the norms' "
                     "outputs); pruning hidden size removes the right-hand channels from every layer at once.")
+        truth = gr.Plot(plots.metrics_vs_truth({}), label="Metrics against the truth", elem_id="imp-truth")
+        gr.Markdown("With validation: each metric (x) against the loss increase when that part alone is "
+                    "removed (y); ρ is Spearman's rank correlation (1: the metric orders parts exactly "
+                    "as their removal hurts).")
         result = gr.JSON(label="Scores", visible=False)
     follow_models(ctx, model)
-    go.click(run, [model, src, samples, seq_len, batch_agg, seq_agg, depth_ppl, ctx.state],
-             [heads, neurons, channels, layers, result, status, ctx.state], api_name="importance", **HEAVY)
+    go.click(run, [model, src, samples, seq_len, batch_agg, seq_agg, depth_ppl, ctx.state, extra_metrics,
+                   validate],
+             [heads, neurons, channels, layers, truth, result, status, ctx.state], api_name="importance",
+             **HEAVY)
     stop.click(jobs.cancel, None, status, queue=False, api_name="cancel")
     upload.upload(take_upload, upload, src, api_name="upload_importance_data")

@@ -311,3 +311,33 @@ def mask_flips(events: list[dict]) -> go.Figure:
     _layout(fig, "Mask flips per block at each mask update (top); decay on pruned weights (bottom)", 480)
     fig.update_layout(plot_bgcolor="white")
     return fig
+
+
+def metrics_vs_truth(axes: dict[str, dict]) -> go.Figure:
+    """Each importance metric (x) against the ablation truth (y: loss increase when the unit alone
+    is removed), one row per axis checked, one column per metric; titles give Spearman's rho.
+
+    axes: {axis: {"truth": array, "units": array, "metrics": {name: array}, "spearman": {name: rho}}}.
+    """
+    if not axes:
+        return empty("Run importance with validation to compare its metrics with the truth")
+    cols = max(len(a["metrics"]) for a in axes.values())
+    titles = []
+    for axis, a in axes.items():
+        names = list(a["metrics"])
+        titles += [f"{axis}: {n} (ρ = {a['spearman'].get(n, float('nan')):.2f})" for n in names]
+        titles += [""] * (cols - len(names))
+    fig = make_subplots(rows=len(axes), cols=cols, subplot_titles=titles, vertical_spacing=0.12,
+                        horizontal_spacing=0.06)
+    for r, (axis, a) in enumerate(axes.items(), start=1):
+        truth, units = _np(a["truth"]), _np(a["units"]).astype(int)
+        for c, (name, values) in enumerate(a["metrics"].items(), start=1):
+            fig.add_trace(go.Scatter(
+                x=_f32(_np(values)), y=_f32(truth), mode="markers", marker=dict(size=5), showlegend=False,
+                customdata=units, hovertemplate=f"{axis[:-1]} #%{{customdata}}<br>{name} %{{x:.4g}}"
+                                                "<br>loss increase %{y:.4g}<extra></extra>"), row=r, col=c)
+        fig.update_yaxes(title_text="loss increase", row=r, col=1)
+    _layout(fig, "Importance metrics against the truth (loss increase when the unit alone is removed)",
+            height=260 * len(axes) + 80)
+    fig.update_layout(plot_bgcolor="white")
+    return fig

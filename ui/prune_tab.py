@@ -13,6 +13,7 @@ import gradio as gr
 from compact import prune, shapes
 from compact.errors import UserError
 from compact.jobs import command_line
+from compact.metrics import WIDTH_METRICS
 from compact.shapes import Shape
 from ui import importance_tab, jobs
 from ui import state as st
@@ -121,7 +122,8 @@ def pick_row(rows, base: Shape | None, state: dict | None, depth_metric: str, ev
 @gpu
 @jobs.user_errors
 def run_prune(base: Shape | None, layers, hidden, ffn, heads, depth_metric: str, state: dict | None,
-              request: gr.Request, progress=gr.Progress()):
+              request: gr.Request, head_metric: str = "activation", neuron_metric: str = "activation",
+              channel_metric: str = "activation", progress=gr.Progress()):
     state = st.session(state)
     sid = jobs.session_id(request)
     ref = source(state)
@@ -134,8 +136,12 @@ def run_prune(base: Shape | None, layers, hidden, ffn, heads, depth_metric: str,
     params = loaded.shape.with_targets(**tg).params
     out = st.next_output(sid, "pruned", st.checkpoint_bytes(loaded, params))
     cfg = prune.PruneConfig(model=ref, out=str(out), **tg, depth_metric=depth_metric,
-                            importance=state.get("scores_path"), score=True)
-    prune.plan(scores, loaded.shape, depth_metric=depth_metric, family=loaded.arch.family, **tg)  # fail fast
+                            importance=state.get("scores_path"), score=True,
+                            head_metric=head_metric or "activation",
+                            neuron_metric=neuron_metric or "activation",
+                            channel_metric=channel_metric or "activation")
+    prune.plan(cfg.ranked(scores), loaded.shape, depth_metric=depth_metric, family=loaded.arch.family,
+               **tg)  # fail fast
 
     def work(job: jobs.Job):
         result = prune.run(cfg, job.progress, job.should_stop, loaded=loaded, scores=scores)
@@ -172,7 +178,18 @@ def build(ctx: Ctx) -> None:
                                 elem_id="prune-ffn")
                 heads = gr.Slider(3, 9, value=9, step=3, label="Attention heads", elem_id="prune-heads")
                 depth_metric = gr.Radio(list(prune.DEPTH_METRICS), value="bi",
-                                        label="Layers to drop by (bi: Block Influence, ppl: perplexity)")
+                                        label="Layers to drop by (bi: Block Influence, angular: angular "
+                                              "distance, ppl: perplexity)")
+                with gr.Row():
+                    # Metrics other than activation need Importance's "Extra metrics".
+                    head_metric = gr.Dropdown(list(WIDTH_METRICS["heads"]), value="activation",
+                                              label="Rank heads by", elem_id="prune-head-metric")
+                    neuron_metric = gr.Dropdown(list(WIDTH_METRICS["neurons"]), value="activation",
+                                                label="Rank neurons by")
+                    channel_metric = gr.Dropdown(list(WIDTH_METRICS["channels"]), value="activation",
+                                                 label="Rank channels by")
+                jobs.fields(head_metric=head_metric, neuron_metric=neuron_metric,
+                            channel_metric=channel_metric)
             with gr.Column(scale=2):
                 size = gr.Markdown(readout(None, None, None, None, None))
                 with gr.Accordion("Find shapes within a budget", open=False):
@@ -210,7 +227,8 @@ def build(ctx: Ctx) -> None:
     find.click(find_shapes, [base, budget, tolerance, ctx.state], table, api_name="search")
     table.select(pick_row, [table, base, ctx.state, depth_metric], [*controls, size, *figs],
                  api_visibility="private")
-    event = go.click(run_prune, [base, *controls, depth_metric, ctx.state],
+    event = go.click(run_prune, [base, *controls, depth_metric, ctx.state, head_metric, neuron_metric,
+                                 channel_metric],
                      [result, status, ctx.state], api_name="prune", **HEAVY)
     ctx.output_events.append(event)
     stop.click(jobs.cancel, None, status, queue=False, api_visibility="private")
