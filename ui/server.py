@@ -25,15 +25,17 @@ def free_port() -> int:
 
 
 @contextmanager
-def serve(tmp: Path, timeout: float = 180):
-    """Yield the URL of a freshly started app whose data and runs store live under tmp."""
+def serve(tmp: Path, timeout: float = 180, env: dict | None = None):
+    """Yield the URL of a freshly started app whose data and runs store live under tmp (env: more
+    variables for it, such as settings)."""
+    extra = env or {}
     port = free_port()
     # Host and port through Gradio's own variables, as on a Space (COMPACT_HOST / COMPACT_PORT
     # would take precedence, so they are left out).
     env = {k: v for k, v in os.environ.items() if k not in ("COMPACT_HOST", "COMPACT_PORT")}
     env.update({"GRADIO_SERVER_NAME": "127.0.0.1", "GRADIO_SERVER_PORT": str(port),
                 "COMPACT_DATA": str(tmp / "data"), "COMPACT_RUNS_DB": str(tmp / "runs.sqlite"),
-                "GRADIO_ANALYTICS_ENABLED": "False"})
+                "GRADIO_ANALYTICS_ENABLED": "False", **extra})
     log = open(tmp / "server.log", "w")
     proc = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=env, stdout=log,
                             stderr=subprocess.STDOUT)
