@@ -36,7 +36,7 @@ test: $(STAMP) browser
 	$(PY) -m pytest -q -n 2 --dist loadfile tests
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -q tests -m "$(FAST)"
+	$(PY) -m pytest -q -n 2 tests -m "$(FAST)"
 
 lint: $(STAMP)
 	$(PY) -m ruff check .
