@@ -124,6 +124,21 @@ def zero_rows(module, rows=None) -> None:
             module.bias[sl] = 0
 
 
+def kill_channels(model, scores, dead: list[int]) -> None:
+    """Residual channels that nothing writes (embedding columns and every block's output rows
+    zero), scored zero: pruning them leaves only the norms' changed mean over the hidden size."""
+    from compact.arch import for_model
+
+    a = for_model(model)
+    with torch.no_grad():
+        a.embed(model).weight[:, dead] = 0
+        for block in a.blocks(model):
+            zero_rows(a.attn_out(block), dead)
+            zero_rows(a.mlp_out(block), dead)
+    scores.channels_per_layer[:, dead] = 0
+    scores.channels[dead] = 0
+
+
 def kill_head(model, layer: int, head: int) -> None:
     """Zero the head's values, so its attention output (the o_proj input) is exactly zero.
 
