@@ -557,6 +557,11 @@ def relay(on_event=None, progress=None) -> Callable[[dict], None]:
     of one bar, and every message says which arm of how many is running."""
     arm: dict = {}
 
+    def report(fraction: float, message: str) -> None:
+        if arm:  # inside an arm: that arm's share of the bar, and its name first
+            fraction, message = (arm["arm"] - 1 + fraction) / arm["arms"], f"{arm_label(arm)}: {message}"
+        progress(fraction, message)
+
     def emit(event: dict) -> None:
         if on_event is not None:
             on_event(event)
@@ -564,19 +569,12 @@ def relay(on_event=None, progress=None) -> Callable[[dict], None]:
             return
         kind = event.get("kind")
         if kind == "data":  # the data source's own progress (the teacher source generating)
-            fraction, message = event["fraction"], event["message"]
-            if arm:
-                fraction, message = (arm["arm"] - 1 + fraction) / arm["arms"], f"{arm_label(arm)}: {message}"
-            progress(fraction, message)
+            report(event["fraction"], event["message"])
         elif kind == "arm":
             arm.update(event)
             progress((event["arm"] - 1) / event["arms"], arm_label(arm))
         elif kind in ("step", "start", "teacher_correction"):
-            fraction = event["step"] / event["steps"] if kind != "start" else 0.0
-            message = describe(event)
-            if arm:
-                fraction, message = (arm["arm"] - 1 + fraction) / arm["arms"], f"{arm_label(arm)}: {message}"
-            progress(fraction, message)
+            report(event["step"] / event["steps"] if kind != "start" else 0.0, describe(event))
 
     return emit
 
