@@ -17,7 +17,7 @@ from dataclasses import dataclass, fields
 import torch
 from torch import nn
 
-from compact import data, losses, models, scoreboard, train
+from compact import data, liger, losses, models, scoreboard, train
 from compact.errors import Cancelled, UserError
 from compact.options import LoadOptions, option, options
 from compact.scoreboard import ScoreOptions
@@ -47,6 +47,11 @@ class DistillConfig(ScoreOptions, train.TrainingOptions):
                             "(--kd-weight, --ce-weight, --hidden-weight)")
         if self.teacher_correction_steps < 0:
             raise UserError("step and token counts must not be negative")
+        if self.compile and self.hidden_weight > 0:
+            # The states are caught by forward hooks made per step; a compiled body replays the
+            # hooks it was traced with (torch does not guard on submodules' hooks), not new ones.
+            raise UserError("--compile does not combine with --hidden-weight (the intermediate "
+                            "states are captured by hooks that a compiled body does not run); drop one")
 
     def training_settings(self) -> dict:
         """The options that change what training computes: run.json holds them, resume checks them."""
@@ -81,12 +86,17 @@ class TeacherOutput:
 
 
 @torch.no_grad()
-def teacher_forward(model, arch, ids: torch.Tensor, state_ids: list[int] | None = None) -> TeacherOutput:
-    """The teacher's final states (its logits are made chunk by chunk later) and paired states."""
+def teacher_forward(model, arch, ids: torch.Tensor, state_ids: list[int] | None = None,
+                    body=None) -> TeacherOutput:
+    """The teacher's final states (its logits are made chunk by chunk later) and paired states.
+
+    body: what computes the base model's states, when not arch.base(model) itself (a compiled
+    wrapper of it, see compiled_body)."""
     layers = arch.shape(model.config).layers
     state_ids = state_ids or []
     with capture_norms(model, arch, [j for j in state_ids if j < layers]) as found:
-        hidden = arch.base(model)(input_ids=ids, use_cache=False).last_hidden_state
+        body = arch.base(model) if body is None else body
+        hidden = body(input_ids=ids, use_cache=False).last_hidden_state
     head = arch.lm_head(model)
     return TeacherOutput(hidden, head.weight, getattr(head, "bias", None),
                          _states(found, hidden, state_ids, layers), logit_softcap(model))
@@ -94,6 +104,12 @@ def teacher_forward(model, arch, ids: torch.Tensor, state_ids: list[int] | None 
 
 def logit_softcap(model) -> float | None:
     return getattr(model.config, "final_logit_softcapping", None)
+
+
+def compiled_body(model, arch):
+    """torch.compile of the model's transformer body as a separate wrapper: the model itself,
+    its parameters and state_dict keys stay as they are (the app keeps using it uncompiled)."""
+    return torch.compile(arch.base(model))
 
 
 class DistillModule(nn.Module):
@@ -112,6 +128,9 @@ class DistillModule(nn.Module):
         self.layers = shape.layers
         self.pairs: list[tuple[int, int]] = []
         self.proj = None
+        # compile_body() puts a compiled wrapper here; a list, so that it is no submodule (its
+        # parameters would be listed twice, and its state_dict keys differ)
+        self.bodies: list = []
         if cfg.hidden_weight > 0 and teacher_shape is not None:
             self.pairs = state_pairs(shape.layers, teacher_shape.layers, kept_layers)
             if shape.hidden != teacher_shape.hidden:
@@ -122,6 +141,10 @@ class DistillModule(nn.Module):
                     self.proj.weight.zero_()
                     n = min(shape.hidden, teacher_shape.hidden)
                     self.proj.weight[:n, :n] = torch.eye(n)
+
+    def compile_body(self) -> None:
+        """This module's forward runs the student's body through torch.compile from now on."""
+        self.bodies = [compiled_body(self.model, self.arch)]
 
     @property
     def teacher_state_ids(self) -> list[int]:
@@ -135,7 +158,8 @@ class DistillModule(nn.Module):
         use_hidden = bool(self.pairs) and teacher is not None and teacher.states
         student_ids = [s for s, _ in self.pairs] if use_hidden else []
         with capture_norms(self.model, self.arch, [j for j in student_ids if j < self.layers]) as found:
-            h = self.arch.base(self.model)(input_ids=ids, use_cache=False).last_hidden_state
+            body = self.bodies[0] if self.bodies else self.arch.base(self.model)
+            h = body(input_ids=ids, use_cache=False).last_hidden_state
         head = self.arch.lm_head(self.model)
         t_h = teacher.hidden[:, :-1] if teacher is not None and kd_w != 0 else None
         total, kd, ce = losses.head_losses(
@@ -143,7 +167,7 @@ class DistillModule(nn.Module):
             teacher.weight if teacher is not None else None,
             teacher.bias if teacher is not None else None,
             cfg.temperature, kd_w, ce_w, cfg.chunk, logit_softcap(self.model),
-            teacher.softcap if teacher is not None else None)
+            teacher.softcap if teacher is not None else None, cfg.loss_kernel)
         hidden = torch.zeros((), device=h.device)
         if use_hidden:
             l_is = losses.hidden_loss(_states(found, h, student_ids, self.layers), teacher.states, self.proj)
@@ -267,6 +291,8 @@ def run(cfg: DistillConfig, hooks: TrainHooks | None = None, on_event=None, shou
     cfg.check()
     loop = train.start(cfg, hooks)
     emit = train.relay(on_event, progress) if loop.main else (lambda e: None)
+    if cfg.loss_kernel == "liger" and (why := liger.problem(loop.accelerator.device)):
+        raise UserError(why)  # before anything is loaded
     teacher, student = _load(cfg, loop, teacher, student)
     # Scored from disk before training: the output folder may be the student's own.
     before = scoreboard.score(cfg.student, load=cfg) if cfg.score and loop.main else None
@@ -279,9 +305,10 @@ def run(cfg: DistillConfig, hooks: TrainHooks | None = None, on_event=None, shou
     raw = _prepare_student(cfg, loop, teacher, student, blocks)
     _start(loop, teacher_model, val, emit)
     need_teacher = cfg.kd_weight != 0 or bool(raw.pairs)
+    teacher_body = compiled_body(teacher_model, teacher.arch) if cfg.compile and need_teacher else None
 
     def forward(ids: torch.Tensor) -> dict:
-        t_out = teacher_forward(teacher_model, teacher.arch, ids, raw.teacher_state_ids) \
+        t_out = teacher_forward(teacher_model, teacher.arch, ids, raw.teacher_state_ids, teacher_body) \
             if need_teacher else None
         return loop.module(ids, t_out)
 
@@ -314,8 +341,11 @@ def _load(cfg: DistillConfig, loop: train.Loop, teacher, student):
     if student.model is teacher.model:
         raise UserError("the student must be its own copy of a model, not the teacher itself")
     check_compatible(teacher, student)
-    for loaded in (teacher, student):
+    for loaded, who in ((teacher, "teacher"), (student, "student")):
         check_head(loaded)
+        if cfg.loss_kernel == "liger":
+            liger.check(loop.accelerator.device, loaded.arch.lm_head(loaded.model),
+                        logit_softcap(loaded.model), who)
     return teacher, student
 
 
@@ -378,7 +408,10 @@ def _prepare_student(cfg: DistillConfig, loop: train.Loop, teacher: models.Loade
     module = DistillModule(model, student.arch, cfg, teacher.shape, student.meta.get("kept_layers"))
     module.train()
     train.prepare(loop, module, blocks)
-    return loop.accelerator.unwrap_model(loop.module)
+    raw = loop.accelerator.unwrap_model(loop.module)
+    if cfg.compile:  # after prepare: what is compiled is the body as accelerate wrapped it
+        raw.compile_body()
+    return raw
 
 
 def _start(loop: train.Loop, teacher_model, val, emit) -> None:

@@ -164,7 +164,8 @@ def head_losses(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
                 teacher_weight: torch.Tensor | None = None, teacher_bias: torch.Tensor | None = None,
                 temperature: float = 1.0, kd_weight: float = 1.0, ce_weight: float = 0.0,
                 chunk: int = DEFAULT_CHUNK, softcap: float | None = None,
-                teacher_softcap: float | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                teacher_softcap: float | None = None,
+                kernel: str = "compact") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(kd_weight * KD + ce_weight * CE, KD, CE) from final post-norm hidden states.
 
     h: (..., H) student states at the positions that predict `labels` (..., same leading dims);
@@ -172,6 +173,7 @@ def head_losses(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     carries gradient (to h, weight and bias); KD and CE are detached values for logging.
     Under autocast the head matmuls run in the autocast dtype, softmax and sums in fp32.
     softcap / teacher_softcap: a final logit soft-capping (Gemma 2's final_logit_softcapping).
+    kernel "liger": liger-kernel's fused losses for steps with a gradient (compact.liger; CUDA).
     """
     h2 = h.reshape(-1, h.size(-1))
     lab = labels.reshape(-1)
@@ -181,6 +183,11 @@ def head_losses(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     dev = h.device.type
     compute_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else weight.dtype
     want_grad = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
+    if kernel == "liger" and want_grad:
+        from compact import liger
+
+        return liger.head_losses(h2, weight, lab, t2, teacher_weight, temperature, kd_weight, ce_weight,
+                                 compute_dtype)
     tw = None if teacher_weight is None else teacher_weight.detach()
     tb = None if teacher_bias is None else teacher_bias.detach()
     return _HeadLosses.apply(h2, weight, bias, t2, tw, tb, lab, float(temperature), float(kd_weight),

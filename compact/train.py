@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from compact import hardware, losses, models
+from compact import hardware, liger, losses, models
 from compact.errors import UserError
 from compact.options import LoadOptions, option
 
@@ -65,6 +65,10 @@ class TrainingOptions(LoadOptions):
     eval_tokens: int = option(8192, "validation tokens for the before/after loss")
     seed: int = option(0, "seed of the data order and of every step")
     chunk: int = option(losses.DEFAULT_CHUNK, "token positions per logit-loss chunk (memory bound)")
+    loss_kernel: str = option("compact", "logit-loss kernel: compact's chunked loss (any device) or "
+                                         "liger-kernel's fused Triton kernels (CUDA)", choices=liger.KERNELS)
+    compile: bool = option(False, "torch.compile the student's and teacher's transformer bodies "
+                                  "(a GPU's steps get faster after a warm-up of a minute or so)")
     resume: bool = option(False, "continue the run in --out exactly")
     report_to: str = option("none", "also send each step's metrics to this tracker, through accelerate "
                                     "(tensorboard writes under --out/logs)", choices=TRACKERS)
@@ -88,6 +92,8 @@ class TrainingOptions(LoadOptions):
         if not self.out:
             raise UserError("training needs an output folder (--out)")
         check_tracker(self.report_to)
+        if self.loss_kernel not in liger.KERNELS:
+            raise UserError(f"unknown loss kernel '{self.loss_kernel}': use {', '.join(liger.KERNELS)}")
         if self.device:
             try:
                 dev = torch.device(self.device)

@@ -14,7 +14,7 @@ import math
 import pytest
 import torch
 
-from compact import evaluate, hardware, importance, models, prune, sparsify, sparsity
+from compact import evaluate, hardware, importance, liger, losses, models, prune, sparsify, sparsity
 from compact.distill import DistillConfig
 from compact.distill import run as distill_run
 from tests.helpers import reference_text, tiny_model, tiny_tokenizer
@@ -94,6 +94,48 @@ def test_distill(files, dtype):
     assert res["device"].startswith("cuda")
     assert _finite(res["loss"], res["val_loss_before"], res["val_loss_after"])
     assert (out / "model.safetensors").exists() and not (out / "checkpoint").exists()
+
+
+def _head_losses(kernel, h, w, th, tw, labels):
+    """One training step's logit losses under the hardware's autocast: values and gradients."""
+    h, w = h.clone().requires_grad_(), w.clone().requires_grad_()
+    with torch.autocast("cuda", dtype=hardware.compute_dtype(hardware.props(CUDA))):
+        total, kd, ce = losses.head_losses(h, w, None, labels, th, tw, None, temperature=2.0,
+                                           kd_weight=1.0, ce_weight=0.5, chunk=96, kernel=kernel)
+    total.backward()
+    return total.detach(), kd, ce, h.grad, w.grad
+
+
+def test_liger_kernel_agrees_with_compacts_loss():
+    """--loss-kernel liger computes compact's KD (forward KL at T, times T^2, mean over positions)
+    and CE: the same values and gradients, up to the low-precision head matmuls."""
+    if liger.problem(CUDA):
+        pytest.skip(liger.problem(CUDA))
+    g = torch.Generator(CUDA).manual_seed(0)
+    n, hidden, t_hidden, vocab = 300, 64, 96, 1000
+    h = torch.randn(n, hidden, device=CUDA, generator=g)
+    w = torch.randn(vocab, hidden, device=CUDA, generator=g) * 0.2
+    th = torch.randn(n, t_hidden, device=CUDA, generator=g).bfloat16()
+    tw = (torch.randn(vocab, t_hidden, device=CUDA, generator=g) * 0.2).bfloat16()
+    labels = torch.randint(0, vocab, (n,), device=CUDA, generator=g)
+    labels[:7] = losses.IGNORE_INDEX  # CE averages over labelled positions only, KD over all
+    ours, theirs = _head_losses("compact", h, w, th, tw, labels), _head_losses("liger", h, w, th, tw, labels)
+    for a, b in zip(ours[:3], theirs[:3], strict=True):
+        assert torch.allclose(a.float(), b.float(), rtol=2e-2, atol=1e-3), (a, b)
+    for a, b in zip(ours[3:], theirs[3:], strict=True):
+        assert ((a.float() - b.float()).norm() / a.float().norm()).item() < 5e-2
+
+
+def test_distill_with_liger_and_compile(files):
+    """The fast path on a GPU: liger's fused losses (where installed) and compiled bodies."""
+    kernel = "compact" if liger.problem(CUDA) else "liger"
+    out = files["root"] / f"distill-fast-{kernel}"
+    res = distill_run(DistillConfig(
+        teacher=files["ckpt"], student=files["ckpt"], data=files["text"], out=str(out),
+        tokens=4 * 2 * SEQ, seq_len=SEQ, batch=2, ce_weight=0.5, eval_tokens=4 * SEQ,
+        checkpoint_every=0, device=CUDA, loss_kernel=kernel, compile=True))
+    assert res["status"] == "done" and _finite(res["loss"], res["val_loss_after"])
+    assert models.load(str(out), device=CUDA).shape.layers == 4
 
 
 def test_generate_eval_and_speed(files):

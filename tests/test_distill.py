@@ -284,6 +284,7 @@ def test_cli_distills_and_guards_the_output_folder(cli_files):
     ("othertok", "tokenizer differs"),
     ("zero", "token budget must be positive"),
     ("empty-resume", "nothing to resume"),
+    ("liger", "--loss-kernel liger needs a CUDA GPU"),
 ])
 @pytest.mark.cli
 def test_cli_bad_inputs_exit_2_with_one_line(cli_files, case, message):
@@ -294,6 +295,8 @@ def test_cli_bad_inputs_exit_2_with_one_line(cli_files, case, message):
         f["student"] = f[case]
     elif case == "zero":
         extra = ["--tokens", "0"]
+    elif case == "liger":
+        extra = ["--loss-kernel", "liger", "--device", "cpu"]
     else:
         extra = ["--resume"]
     proc = run_cli(*_distill_args(f, out, *extra))
@@ -331,3 +334,34 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_compiled_run_equals_the_eager_one(tmp_path, pair, tokenizer):
+    """--compile runs both bodies through torch.compile (inductor, here on the CPU): the same
+    losses and weights as the eager run up to float rounding, the same checkpoint keys, and the
+    models themselves left uncompiled."""
+    teacher, student, data = pair
+    plain = _with_dropout(copy.deepcopy(student), 0.0)  # inductor draws dropout from its own RNG
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    runs = {}
+    for compile_ in (False, True):
+        loaded = _loaded(copy.deepcopy(plain), tokenizer, "tiny-student")
+        out = tmp_path / f"compile-{compile_}"
+        distill.run(_config((teacher, plain, data), out, compile=compile_, hidden_weight=0.0),
+                    teacher=_loaded(teacher, tokenizer, "tiny-teacher"), student=loaded)
+        runs[compile_] = (_steps(out), _weights(out), loaded.model)
+    (eager_steps, eager_w, _), (steps, weights, model) = runs[False], runs[True]
+    assert counters["stats"]["unique_graphs"] >= 2  # the student's body and the teacher's were compiled
+    for a, b in zip(eager_steps, steps, strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4) and b["kd"] == pytest.approx(a["kd"], rel=1e-4)
+    assert weights.keys() == eager_w.keys()
+    assert max((weights[k] - eager_w[k]).abs().max().item() for k in weights) < 1e-4
+    assert not hasattr(model, "_orig_mod") and model.model._compiled_call_impl is None
+    assert teacher.model._compiled_call_impl is None
+    with pytest.raises(models.UserError, match="--compile does not combine with --hidden-weight"):
+        distill.run(_config(pair, tmp_path / "h", compile=True), teacher=_loaded(teacher, tokenizer, "t"),
+                    student=_loaded(copy.deepcopy(plain), tokenizer, "s"))
