@@ -68,16 +68,18 @@ def head_losses(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
     zero = torch.zeros((), dtype=torch.float32, device=h.device)
     total, kd, ce = zero, zero, zero
     use_kd = kd_weight != 0 and teacher_h is not None
-    if use_kd:
-        kl = liger_fused_linear_jsd(hs, ws, teacher_h.detach().to(compute_dtype),
-                                    teacher_weight.detach().to(compute_dtype), None, jsd_beta=0.0,
-                                    temperature=temperature, accum_dtype=torch.float32)
-        kl = kl.float() * temperature ** 2
-        total, kd = total + kd_weight * kl, kl.detach()
-    if ce_weight != 0 or not use_kd:  # reported even untrained when there is no teacher, as compact does
-        xent = liger_fused_linear_cross_entropy(hs, ws, labels, ignore_index=IGNORE_INDEX,
-                                                accum_dtype=torch.float32).float()
-        if ce_weight != 0:
-            total = total + ce_weight * xent
-        ce = xent.detach()
+    # The inputs already are in the compute dtype; autocast stays out of liger's own matmuls.
+    with torch.autocast(h.device.type, enabled=False):
+        if use_kd:
+            kl = liger_fused_linear_jsd(hs, ws, teacher_h.detach().to(compute_dtype),
+                                        teacher_weight.detach().to(compute_dtype), None, jsd_beta=0.0,
+                                        temperature=temperature, accum_dtype=torch.float32)
+            kl = kl.float() * temperature ** 2
+            total, kd = total + kd_weight * kl, kl.detach()
+        if ce_weight != 0 or not use_kd:  # reported untrained too when there is no KD, as compact does
+            xent = liger_fused_linear_cross_entropy(hs, ws, labels, ignore_index=IGNORE_INDEX,
+                                                    accum_dtype=torch.float32).float()
+            if ce_weight != 0:
+                total = total + ce_weight * xent
+            ce = xent.detach()
     return total, kd, ce

@@ -101,7 +101,8 @@ class _HeadLosses(torch.autograd.Function):
                 compute_dtype, want_grad, softcap, teacher_softcap):
         with torch.autocast(h.device.type, enabled=False):
             n = h.size(0)
-            n_valid = max(int((labels != IGNORE_INDEX).sum()), 1)
+            # a tensor, not a Python int: reading it would make the host wait for the GPU mid-step
+            n_valid = (labels != IGNORE_INDEX).sum().clamp_min(1).float()
             use_kd = kd_weight != 0 and t_h is not None
             use_ce = ce_weight != 0 or not use_kd  # CE is always reported when there is no teacher
             kd_sum = torch.zeros((), dtype=torch.float32, device=h.device)
