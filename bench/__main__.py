@@ -42,7 +42,7 @@ def table() -> str:
             if isinstance(value, float):
                 shown = f"{value:,.4g}"
             else:
-                shown = f"{value:,}" if isinstance(value, int) else str(value)
+                shown = f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else str(value)
             lines.append(f"| {path.stem} | {device} | {key} | {shown} |")
     return "\n".join(lines)
 
