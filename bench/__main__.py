@@ -30,9 +30,15 @@ def _scalar_items(d: dict, prefix: str = ""):
             yield f"{prefix}{key}", value
 
 
+# Result files of studies rather than benchmarks: their README sections report them.
+STUDIES = ("metric-validation",)
+
+
 def table() -> str:
     lines = ["| benchmark | device | measure | value |", "|---|---|---|---|"]
     for path in sorted((HERE / "results").glob("*.json")):
+        if path.stem.startswith(STUDIES):
+            continue
         result = json.loads(path.read_text())
         if isinstance(result.get("runs"), list) and result["runs"]:
             result = result["runs"][-1]  # scripts that keep a history: the latest run
