@@ -344,8 +344,7 @@ def _load(cfg: DistillConfig, loop: train.Loop, teacher, student):
     for loaded, who in ((teacher, "teacher"), (student, "student")):
         check_head(loaded)
         if cfg.loss_kernel == "liger":
-            liger.check(loop.accelerator.device, loaded.arch.lm_head(loaded.model),
-                        logit_softcap(loaded.model), who)
+            liger.check_head(loaded.arch.lm_head(loaded.model), logit_softcap(loaded.model), who)
     return teacher, student
 
 

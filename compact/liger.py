@@ -33,11 +33,8 @@ def problem(device: torch.device | str) -> str | None:
     return None
 
 
-def check(device, head, softcap: float | None, who: str) -> None:
-    """A UserError when liger cannot compute this model's logit losses here."""
-    why = problem(device)
-    if why:
-        raise UserError(why)
+def check_head(head, softcap: float | None, who: str) -> None:
+    """A UserError when liger cannot compute this model's logit losses (the device: problem())."""
     if getattr(head, "bias", None) is not None:
         raise UserError(f"--loss-kernel liger has no LM-head bias and the {who}'s head has one; "
                         "use --loss-kernel compact")
