@@ -104,3 +104,17 @@ def test_head_losses_follow_gemma2_final_logit_soft_capping():
         assert torch.allclose(got, want, rtol=1e-5, atol=1e-7)
     uncapped, _, _ = losses.head_losses(h, w, None, labels, th, tw, None, 2.0, 0.6, 0.4, 4)
     assert abs(float(uncapped) - float(total)) > 1e-2  # the cap acts at these logit sizes
+
+
+def test_liger_kernel_refuses_what_it_cannot_compute():
+    """--loss-kernel liger: a CPU, an LM head with a bias and soft-capped logits are refused in
+    one sentence each (its agreement with compact's loss is tested on CUDA, test_cuda.py)."""
+    from compact import liger
+    from compact.errors import UserError
+
+    assert "needs a CUDA GPU" in liger.problem("cpu")
+    liger.check_head(torch.nn.Linear(4, 8, bias=False), None, "student")  # nothing to refuse
+    with pytest.raises(UserError, match="no LM-head bias and the teacher's head has one"):
+        liger.check_head(torch.nn.Linear(4, 8), None, "teacher")
+    with pytest.raises(UserError, match="does not soft-cap logits as the student does"):
+        liger.check_head(torch.nn.Linear(4, 8, bias=False), 30.0, "student")
