@@ -341,10 +341,10 @@ def test_compiled_run_equals_the_eager_one(tmp_path, pair, tokenizer):
     """--compile runs both bodies through torch.compile (inductor, here on the CPU): the same
     losses and weights as the eager run up to float rounding, the same checkpoint keys, and the
     models themselves left uncompiled."""
-    teacher, student, data = pair
-    plain = _with_dropout(copy.deepcopy(student), 0.0)  # inductor draws dropout from its own RNG
     from torch._dynamo.utils import counters
 
+    teacher, student, data = pair
+    plain = _with_dropout(copy.deepcopy(student), 0.0)  # inductor draws dropout from its own RNG
     torch._dynamo.reset()
     counters.clear()
     runs = {}
