@@ -12,6 +12,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import os
+import shutil
 from dataclasses import dataclass, fields
 
 import torch
@@ -104,6 +106,14 @@ def teacher_forward(model, arch, ids: torch.Tensor, state_ids: list[int] | None 
 
 def logit_softcap(model) -> float | None:
     return getattr(model.config, "final_logit_softcapping", None)
+
+
+def compile_problem(device: torch.device) -> str | None:
+    """Why --compile cannot run here (None: it can): on a CPU, inductor builds C++ code."""
+    if device.type == "cpu" and not (os.environ.get("CXX") or shutil.which("g++") or shutil.which("clang++")):
+        return ("--compile on a CPU needs a C++ compiler (g++ or clang++, or $CXX); install one "
+                "or drop --compile")
+    return None
 
 
 def compiled_body(model, arch):
@@ -291,7 +301,10 @@ def run(cfg: DistillConfig, hooks: TrainHooks | None = None, on_event=None, shou
     cfg.check()
     loop = train.start(cfg, hooks)
     emit = train.relay(on_event, progress) if loop.main else (lambda e: None)
-    if cfg.loss_kernel == "liger" and (why := liger.problem(loop.accelerator.device)):
+    device = loop.accelerator.device
+    why = (liger.problem(device) if cfg.loss_kernel == "liger" else None) \
+        or (compile_problem(device) if cfg.compile else None)
+    if why:
         raise UserError(why)  # before anything is loaded
     teacher, student = _load(cfg, loop, teacher, student)
     # Scored from disk before training: the output folder may be the student's own.

@@ -343,6 +343,8 @@ def test_compiled_run_equals_the_eager_one(tmp_path, pair, tokenizer):
     models themselves left uncompiled."""
     from torch._dynamo.utils import counters
 
+    if distill.compile_problem(torch.device("cpu")):
+        pytest.skip(distill.compile_problem(torch.device("cpu")))
     teacher, student, data = pair
     plain = _with_dropout(copy.deepcopy(student), 0.0)  # inductor draws dropout from its own RNG
     torch._dynamo.reset()
