@@ -18,7 +18,7 @@ from gradio_client import Client
 from gradio_client.exceptions import AppError
 
 from compact import models, shapes
-from tests.helpers import plot_array
+from tests.helpers import FAST_SCORES, plot_array
 from ui import prune_tab
 from ui.server import serve
 
@@ -30,9 +30,8 @@ PROMPT = "The capital of France is"
 
 @pytest.fixture(scope="module")
 def client(tmp_path_factory):
-    # A smaller canonical evaluation than the default 4,096 tokens: every job here scores its
-    # models, and on a 2-core CPU each score of the default model would take 15-45 s.
-    with serve(tmp_path_factory.mktemp("app"), env={"COMPACT_EVAL_TOKENS": "1024"}) as url:
+    # every job here scores its models: on the smaller canonical evaluation of FAST_SCORES
+    with serve(tmp_path_factory.mktemp("app"), env=FAST_SCORES) as url:
         yield Client(url, verbose=False)
 
 

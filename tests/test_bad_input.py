@@ -20,7 +20,7 @@ from gradio_client.exceptions import AppError
 from transformers import BertConfig, BertForMaskedLM
 
 from compact import runs
-from tests.helpers import run_cli
+from tests.helpers import FAST_SCORES, run_cli
 from ui.server import free_port, serve
 
 UPLOAD_LIMIT_MB = 1
@@ -83,7 +83,7 @@ def server(tmp_path_factory, tiny_checkpoint):
     old = os.environ.get("COMPACT_MAX_UPLOAD_MB")
     os.environ["COMPACT_MAX_UPLOAD_MB"] = str(UPLOAD_LIMIT_MB)
     try:
-        with serve(tmp) as url:
+        with serve(tmp, env=FAST_SCORES) as url:
             client = Client(url, verbose=False)
             client.predict("default", api_name="/load")  # the session's model, loaded once
             yield {"client": client, "files": files, "db": tmp / "runs.sqlite", "tmp": tmp, "url": url}

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import ROOT
+from tests.helpers import FAST_SCORES, ROOT
 from ui.server import serve
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -162,7 +162,7 @@ class Browser:
 
 @pytest.fixture(scope="module")
 def browser(tmp_path_factory):
-    with serve(tmp_path_factory.mktemp("browser-app")) as url:
+    with serve(tmp_path_factory.mktemp("browser-app"), env=FAST_SCORES) as url:
         b = Browser(url)
         try:
             yield b

@@ -17,6 +17,7 @@ from gradio_client import Client
 from gradio_client.exceptions import AppError
 
 from compact import runs
+from tests.helpers import FAST_SCORES
 from ui.server import serve
 
 pytestmark = [pytest.mark.app, pytest.mark.slow]
@@ -29,7 +30,7 @@ def digest(path: Path) -> str:
 
 
 def test_out_of_memory_then_restart_keeps_every_run(tmp_path):
-    with serve(tmp_path) as url:
+    with serve(tmp_path, env=FAST_SCORES) as url:
         client = Client(url, verbose=False)
         client.predict("default", api_name="/load")
         *_, summary, status = client.predict(None, "builtin", 2, 32, "l2", "mean", False,
@@ -52,7 +53,7 @@ def test_out_of_memory_then_restart_keeps_every_run(tmp_path):
         assert "can't allocate memory" in rows[0]["error"] or "CUDA out of memory" in rows[0]["error"]
         session = client.session_hash
 
-    with serve(tmp_path) as url:  # a restart on the same data folder and runs store
+    with serve(tmp_path, env=FAST_SCORES) as url:  # a restart on the same data folder and runs store
         same = Client(url, verbose=False)
         same.session_hash = session
         table = same.predict(api_name="/runs")
