@@ -68,7 +68,7 @@ class TrainingOptions(LoadOptions):
     loss_kernel: str = option("compact", "logit-loss kernel: compact's chunked loss (any device) or "
                                          "liger-kernel's fused Triton kernels (CUDA)", choices=liger.KERNELS)
     compile: bool = option(False, "torch.compile the student's and teacher's transformer bodies "
-                                  "(a GPU's steps get faster after a warm-up of a minute or so)")
+                                  "(meant for GPUs; compiling takes a minute or so first)")
     resume: bool = option(False, "continue the run in --out exactly")
     report_to: str = option("none", "also send each step's metrics to this tracker, through accelerate "
                                     "(tensorboard writes under --out/logs)", choices=TRACKERS)
