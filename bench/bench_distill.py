@@ -17,8 +17,10 @@ and with --fast (the default on CUDA) the same distillation step made faster:
   distill_liger_compiled: both
 (liger modes only where liger-kernel and triton are installed). The issue's goals: distill at
 most 1.3x the time of plain; the fastest distillation mode at least 200,000 tokens/s for this
-teacher and student at sequence length 1024 on one H100. Modes alternate step by step so that
-load from other processes hits them alike; the ratio is the median of per-round ratios.
+teacher and student at sequence length 1024 on one H100. The eager modes run first, then the
+compiled ones; within each group modes alternate step by step so that load from other processes
+hits them alike (the ratios are medians of per-round ratios), and the file is written after each
+group, so a run stopped while compiling keeps the eager numbers ("not_measured" names the rest).
 Peak memory: on CUDA max_memory_allocated per mode, in this process; on CPU each mode runs in
 its own process and reports its peak resident set (ru_maxrss) less the resident set before the
 first step. Defaults: CUDA batch 24 x 1024 tokens (the issue's set-up); CPU batch 2 x 256.
@@ -142,6 +144,46 @@ def memory_child(args) -> None:
     print(json.dumps({"peak_bytes": peak - base}))
 
 
+def summarize(args, device, teacher, params, tokens, modes, times, warm_up, peaks) -> dict:
+    """The result file from the modes measured so far (those not yet measured are named)."""
+    done = [m for m in modes if times.get(m)]
+    speed = {m: tokens / statistics.median(times[m]) for m in done}
+    best = max((m for m in done if m.startswith("distill")), key=speed.get)
+    ratios = [d / p for d, p in zip(times["distill"], times["plain"], strict=True)]
+    ratios_ce = [c / p for c, p in zip(times["ce_chunked"], times["plain"], strict=True)]
+
+    def mb(m):
+        return peaks[m] / 2**20 if m in peaks else None
+
+    return {
+        "device": device_name(device),
+        "torch": torch.__version__,
+        "teacher": "SmolLM2-135M-Instruct (default)" if args.model == "default" else args.model,
+        "teacher_params": sum(p.numel() for p in teacher.model.parameters()),
+        "student_params": params,
+        "student_layers": args.keep_layers,
+        "batch": args.batch, "seq_len": args.seq_len, "chunk": args.chunk, "rounds": args.steps,
+        "precision": (f"{str(models.pick_dtype(device)).removeprefix('torch.')} autocast, fp32 master "
+                      "weights") if device.type == "cuda" else "fp32",
+        "liger": liger.problem(device) or "installed",
+        "modes": {m: {"step_s_median": statistics.median(times[m]), "tokens_per_s": speed[m],
+                      "warm_up_s": warm_up[m], "peak_memory_mb": mb(m)} for m in done},
+        "not_measured": [m for m in modes if m not in done],
+        "summary": {
+            "distill_tokens_per_s": speed["distill"],
+            "fastest_distill_mode": best,
+            "fastest_distill_tokens_per_s": speed[best],
+            "goal_tokens_per_s": GOAL_TOKENS_PER_S,
+            "goal_met": speed[best] >= GOAL_TOKENS_PER_S,
+            "plain_ce_tokens_per_s": speed["plain"],
+            "distill_over_plain_time": statistics.median(ratios),
+            "chunked_ce_over_plain_time": statistics.median(ratios_ce),
+            "distill_peak_mb": mb("distill"),
+            "plain_peak_mb": mb("plain"),
+        },
+    }
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--device", default=None)
@@ -169,18 +211,22 @@ def main() -> int:
     device, teacher, steps, params = setup(args)
     tokens = args.batch * args.seq_len
     modes = list(steps)
-    warm_up = {}
-    for m in modes:  # allocator, kernels, optimizer state; compiled modes compile (and may recompile)
-        warm_up[m] = sum(timed(steps[m], device) for _ in range(3 if "compiled" in m else 1))
-    times = {m: [] for m in modes}
-    for _ in range(args.steps):
-        for m in modes:
-            times[m].append(timed(steps[m], device))
-    ratios = [d / p for d, p in zip(times["distill"], times["plain"], strict=True)]
-    ratios_ce = [c / p for c, p in zip(times["ce_chunked"], times["plain"], strict=True)]
-    peaks = {}
-    if device.type == "cuda":
-        peaks = {m: cuda_peak(steps[m], device) for m in modes}
+    times, warm_up, peaks = {}, {}, {}
+    # The eager modes first, then the compiled ones (whose compilation may be long), and the file
+    # written after each group: a run stopped by a time limit keeps what it measured.
+    for group in ([m for m in modes if "compiled" not in m], [m for m in modes if "compiled" in m]):
+        if not group:
+            continue
+        for m in group:  # allocator, kernels, optimizer state; compiled modes compile (and may recompile)
+            warm_up[m] = sum(timed(steps[m], device) for _ in range(3 if "compiled" in m else 1))
+        for m in group:
+            times[m] = []
+        for _ in range(args.steps):
+            for m in group:  # alternating, so that load from elsewhere hits the modes alike
+                times[m].append(timed(steps[m], device))
+        if device.type == "cuda":
+            peaks.update({m: cuda_peak(steps[m], device) for m in group})
+        write_json(args.out, summarize(args, device, teacher, params, tokens, modes, times, warm_up, peaks))
     del steps
     for m in modes if device.type != "cuda" else ():  # CPU: separate processes
         cmd = [sys.executable, "-m", "bench.bench_distill", "--mode", m, "--model", args.model,
@@ -191,35 +237,7 @@ def main() -> int:
             cmd += ["--device", args.device]
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True)
         peaks[m] = json.loads(proc.stdout.strip().splitlines()[-1])["peak_bytes"]
-    speed = {m: tokens / statistics.median(times[m]) for m in modes}
-    best = max((m for m in modes if m.startswith("distill")), key=speed.get)
-
-    result = {
-        "device": device_name(device),
-        "torch": torch.__version__,
-        "teacher": "SmolLM2-135M-Instruct (default)" if args.model == "default" else args.model,
-        "teacher_params": sum(p.numel() for p in teacher.model.parameters()),
-        "student_params": params,
-        "student_layers": args.keep_layers,
-        "batch": args.batch, "seq_len": args.seq_len, "chunk": args.chunk, "rounds": args.steps,
-        "precision": (f"{str(models.pick_dtype(device)).removeprefix('torch.')} autocast, fp32 master "
-                      "weights") if device.type == "cuda" else "fp32",
-        "liger": liger.problem(device) or "installed",
-        "modes": {m: {"step_s_median": statistics.median(times[m]), "tokens_per_s": speed[m],
-                      "warm_up_s": warm_up[m], "peak_memory_mb": peaks[m] / 2**20} for m in modes},
-        "summary": {
-            "distill_tokens_per_s": speed["distill"],
-            "fastest_distill_mode": best,
-            "fastest_distill_tokens_per_s": speed[best],
-            "goal_tokens_per_s": GOAL_TOKENS_PER_S,
-            "goal_met": speed[best] >= GOAL_TOKENS_PER_S,
-            "plain_ce_tokens_per_s": tokens / statistics.median(times["plain"]),
-            "distill_over_plain_time": statistics.median(ratios),
-            "chunked_ce_over_plain_time": statistics.median(ratios_ce),
-            "distill_peak_mb": peaks["distill"] / 2**20,
-            "plain_peak_mb": peaks["plain"] / 2**20,
-        },
-    }
+    result = summarize(args, device, teacher, params, tokens, modes, times, warm_up, peaks)
     write_json(args.out, result)
     print(json.dumps(result["summary"], indent=2))
     return 0
