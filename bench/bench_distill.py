@@ -12,15 +12,18 @@ hardware's dtype (compact.hardware: bf16 on sm80+, fp16 before).
   ce_chunked: compact's student module, cross-entropy only, logits in chunks
   distill:    teacher forward (no grad) + student, KL(teacher||student) with chunked logits
 and with --fast (the default on CUDA) the same distillation step made faster:
-  distill_liger:          liger-kernel's fused linear JSD (beta 0: the same KL), --loss-kernel liger
-  distill_compiled:       torch.compile of the student's and teacher's bodies, --compile
-  distill_liger_compiled: both
+  distill_liger:                liger-kernel's fused linear JSD (beta 0: the same KL), --loss-kernel liger
+  distill_compile_layers:       torch.compile of each student and teacher layer, --compile layers
+  distill_liger_compile_layers: both
+  distill_compile_model:        torch.compile of the whole student and teacher bodies, --compile model
 (liger modes only where liger-kernel and triton are installed). The issue's goals: distill at
 most 1.3x the time of plain; the fastest distillation mode at least 200,000 tokens/s for this
-teacher and student at sequence length 1024 on one H100. The eager modes run first, then the
-compiled ones; within each group modes alternate step by step so that load from other processes
-hits them alike (the ratios are medians of per-round ratios), and the file is written after each
-group, so a run stopped while compiling keeps the eager numbers ("not_measured" names the rest).
+teacher and student at sequence length 1024 on one H100. The modes run in groups: eager, then
+compiled layers, then compiled bodies (the longest to compile); within a group modes alternate
+step by step so that load from other processes hits them alike (the ratios are medians of
+per-round ratios), and the file is written after each group, so a run stopped while compiling
+keeps what was measured ("not_measured" names the rest). warm_up_s: the first steps of a mode,
+compilation included.
 Peak memory: on CUDA max_memory_allocated per mode, in this process; on CPU each mode runs in
 its own process and reports its peak resident set (ru_maxrss) less the resident set before the
 first step. Defaults: CUDA batch 24 x 1024 tokens (the issue's set-up); CPU batch 2 x 256.
@@ -44,7 +47,7 @@ from bench.common import device_name, sync, write_json
 from compact import data, distill, liger, models, prune
 
 MODES = ("plain", "ce_chunked", "distill")
-FAST = ("distill_liger", "distill_compiled", "distill_liger_compiled")
+FAST = ("distill_liger", "distill_compile_layers", "distill_liger_compile_layers", "distill_compile_model")
 GOAL_TOKENS_PER_S = 200_000  # the issue's goal for the fastest distillation mode on one H100
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -80,13 +83,14 @@ def setup(args):
             loss = module(ids, None, kd_weight=0.0, ce_weight=1.0)["loss"]
         loss.backward()
 
-    def distill_with(kernel: str, compiled: bool):
-        """A distillation step as compact.distill.run takes it with --loss-kernel and --compile.
-        Every mode trains the same student weights (only the timing matters here)."""
+    def distill_with(kernel: str, compile_: str):
+        """A distillation step as compact.distill.run takes it with --loss-kernel and --compile
+        (for "layers", while layers_on() holds). Every mode trains the same student weights
+        (only the timing matters here)."""
         mod = distill.DistillModule(student_model, teacher.arch,
                                     dataclasses.replace(cfg, loss_kernel=kernel), teacher.shape)
         t_body = None
-        if compiled:
+        if compile_ == "model":
             mod.compile_body()
             t_body = distill.compiled_body(teacher.model, teacher.arch)
 
@@ -104,15 +108,25 @@ def setup(args):
             optimizer.zero_grad(set_to_none=True)
         return run
 
-    fns = {"plain": plain, "ce_chunked": ce_chunked, "distill": distill_with("compact", False)}
+    def layers_on():
+        """Compile the student's and the teacher's layers in place; returns what undoes it."""
+        undo = [distill.compile_blocks(m, teacher.arch) for m in (student_model, teacher.model)]
+        return lambda: [u() for u in undo]
+
+    fns = {"plain": plain, "ce_chunked": ce_chunked, "distill": distill_with("compact", "off")}
     if args.fast:
         use_liger = liger.problem(device) is None
         for mode in FAST:
             if use_liger or "liger" not in mode:
-                fns[mode] = distill_with("liger" if "liger" in mode else "compact", "compiled" in mode)
+                fns[mode] = distill_with("liger" if "liger" in mode else "compact", compile_mode(mode))
     steps = {m: step(fn) for m, fn in fns.items()}
     params = sum(p.numel() for p in student_model.parameters())
-    return device, teacher, steps, params
+    return device, teacher, steps, params, layers_on
+
+
+def compile_mode(mode: str) -> str:
+    """The --compile value a mode measures."""
+    return mode.rsplit("compile_", 1)[1] if "compile_" in mode else "off"
 
 
 def timed(fn, device) -> float:
@@ -136,7 +150,9 @@ def cuda_peak(fn, device) -> int:
 
 def memory_child(args) -> None:
     """One mode in this process (CPU: peak resident memory cannot be reset): print it as JSON."""
-    device, _, steps, _ = setup(args)
+    device, _, steps, _, layers_on = setup(args)
+    if compile_mode(args.mode) == "layers":
+        layers_on()
     base = rss_bytes()
     steps[args.mode]()
     steps[args.mode]()
@@ -208,17 +224,19 @@ def main() -> int:
         memory_child(args)
         return 0
 
-    device, teacher, steps, params = setup(args)
+    device, teacher, steps, params, layers_on = setup(args)
     tokens = args.batch * args.seq_len
     modes = list(steps)
     times, warm_up, peaks = {}, {}, {}
-    # The eager modes first, then the compiled ones (whose compilation may be long), and the file
+    # Eager, then compiled layers, then compiled bodies (the longest to compile), and the file
     # written after each group: a run stopped by a time limit keeps what it measured.
-    for group in ([m for m in modes if "compiled" not in m], [m for m in modes if "compiled" in m]):
+    for kind in ("off", "layers", "model"):
+        group = [m for m in modes if compile_mode(m) == kind]
         if not group:
             continue
+        plain_again = layers_on() if kind == "layers" else None
         for m in group:  # allocator, kernels, optimizer state; compiled modes compile (and may recompile)
-            warm_up[m] = sum(timed(steps[m], device) for _ in range(3 if "compiled" in m else 1))
+            warm_up[m] = sum(timed(steps[m], device) for _ in range(1 if kind == "off" else 3))
         for m in group:
             times[m] = []
         for _ in range(args.steps):
@@ -226,6 +244,8 @@ def main() -> int:
                 times[m].append(timed(steps[m], device))
         if device.type == "cuda":
             peaks.update({m: cuda_peak(steps[m], device) for m in group})
+        if plain_again:
+            plain_again()
         write_json(args.out, summarize(args, device, teacher, params, tokens, modes, times, warm_up, peaks))
     del steps
     for m in modes if device.type != "cuda" else ():  # CPU: separate processes

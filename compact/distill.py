@@ -49,8 +49,8 @@ class DistillConfig(ScoreOptions, train.TrainingOptions):
                             "(--kd-weight, --ce-weight, --hidden-weight)")
         if self.teacher_correction_steps < 0:
             raise UserError("step and token counts must not be negative")
-        if self.compile and self.hidden_weight > 0:
-            # The states are caught by forward hooks made per step; a compiled body replays the
+        if self.compile != "off" and self.hidden_weight > 0:
+            # The states are caught by forward hooks made per step; compiled code replays the
             # hooks it was traced with (torch does not guard on submodules' hooks), not new ones.
             raise UserError("--compile does not combine with --hidden-weight (the intermediate "
                             "states are captured by hooks that a compiled body does not run); drop one")
@@ -93,7 +93,7 @@ def teacher_forward(model, arch, ids: torch.Tensor, state_ids: list[int] | None 
     """The teacher's final states (its logits are made chunk by chunk later) and paired states.
 
     body: what computes the base model's states, when not arch.base(model) itself (a compiled
-    wrapper of it, see compiled_body)."""
+    wrapper of it, see compiled_body; compile_blocks compiles in place instead)."""
     layers = arch.shape(model.config).layers
     state_ids = state_ids or []
     with capture_norms(model, arch, [j for j in state_ids if j < layers]) as found:
@@ -117,9 +117,25 @@ def compile_problem(device: torch.device) -> str | None:
 
 
 def compiled_body(model, arch):
-    """torch.compile of the model's transformer body as a separate wrapper: the model itself,
-    its parameters and state_dict keys stay as they are (the app keeps using it uncompiled)."""
+    """--compile model: torch.compile of the model's transformer body as a separate wrapper; the
+    model itself, its parameters and state_dict keys stay as they are."""
     return torch.compile(arch.base(model))
+
+
+def compile_blocks(model, arch):
+    """--compile layers: torch.compile of each transformer block, in place (nn.Module.compile).
+    The blocks run the same code, so one compilation serves them all: several times faster to
+    compile than the whole body (README, "Speed"), at the cost of fusions across layers.
+    Parameters and state_dict keys stay as they are. Returns the function that makes the blocks
+    plain again; run() calls it when training ends, so a model passed in leaves as it came."""
+    blocks = list(arch.blocks(model))
+    for block in blocks:
+        block.compile()
+
+    def undo():
+        for block in blocks:
+            block._compiled_call_impl = None  # what nn.Module.compile set
+    return undo
 
 
 class DistillModule(nn.Module):
@@ -303,7 +319,7 @@ def run(cfg: DistillConfig, hooks: TrainHooks | None = None, on_event=None, shou
     emit = train.relay(on_event, progress) if loop.main else (lambda e: None)
     device = loop.accelerator.device
     why = (liger.problem(device) if cfg.loss_kernel == "liger" else None) \
-        or (compile_problem(device) if cfg.compile else None)
+        or (compile_problem(device) if cfg.compile != "off" else None)
     if why:
         raise UserError(why)  # before anything is loaded
     teacher, student = _load(cfg, loop, teacher, student)
@@ -318,7 +334,13 @@ def run(cfg: DistillConfig, hooks: TrainHooks | None = None, on_event=None, shou
     raw = _prepare_student(cfg, loop, teacher, student, blocks)
     _start(loop, teacher_model, val, emit)
     need_teacher = cfg.kd_weight != 0 or bool(raw.pairs)
-    teacher_body = compiled_body(teacher_model, teacher.arch) if cfg.compile and need_teacher else None
+    teacher_body = compiled_body(teacher_model, teacher.arch) \
+        if cfg.compile == "model" and need_teacher else None
+    plain_again = []  # --compile layers: the blocks stay compiled in place until training ends
+    if cfg.compile == "layers":
+        plain_again.append(compile_blocks(raw.model, student.arch))
+        if need_teacher:
+            plain_again.append(compile_blocks(teacher_model, teacher.arch))
 
     def forward(ids: torch.Tensor) -> dict:
         t_out = teacher_forward(teacher_model, teacher.arch, ids, raw.teacher_state_ids, teacher_body) \
@@ -330,6 +352,8 @@ def run(cfg: DistillConfig, hooks: TrainHooks | None = None, on_event=None, shou
                     should_stop)
     finally:
         teacher_model.train(teacher_was_training)
+        for undo in plain_again:
+            undo()
     result = _finish(cfg, loop, student, val)
     train.close(loop, original_dtype)
     if before is not None and result["status"] != "cancelled":
@@ -421,7 +445,7 @@ def _prepare_student(cfg: DistillConfig, loop: train.Loop, teacher: models.Loade
     module.train()
     train.prepare(loop, module, blocks)
     raw = loop.accelerator.unwrap_model(loop.module)
-    if cfg.compile:  # after prepare: what is compiled is the body as accelerate wrapped it
+    if cfg.compile == "model":  # after prepare: what is compiled is the body as accelerate wrapped it
         raw.compile_body()
     return raw
 

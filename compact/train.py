@@ -42,6 +42,10 @@ from compact.errors import UserError
 from compact.options import LoadOptions, option
 
 TRACKERS = ("none", "tensorboard", "trackio", "wandb")  # accelerate's names (log_with)
+# --compile: "layers" compiles each transformer block in place (they all run the same code, so one
+# compilation serves every layer: seconds), "model" each whole transformer body (one graph: longer
+# to compile, fusions across layers too). What each costs and gains: the README's "Speed".
+COMPILE = ("off", "layers", "model")
 
 
 @dataclass(kw_only=True)
@@ -67,11 +71,16 @@ class TrainingOptions(LoadOptions):
     chunk: int = option(losses.DEFAULT_CHUNK, "token positions per logit-loss chunk (memory bound)")
     loss_kernel: str = option("compact", "logit-loss kernel: compact's chunked loss (any device) or "
                                          "liger-kernel's fused Triton kernels (CUDA)", choices=liger.KERNELS)
-    compile: bool = option(False, "torch.compile the student's and teacher's transformer bodies "
-                                  "(meant for GPUs; compiling takes a minute or so first)")
+    compile: str = option("off", "torch.compile the student's and teacher's transformer layers "
+                                 "(each layer: fast to compile) or whole bodies (model: slower to "
+                                 "compile); meant for GPUs", choices=COMPILE)
     resume: bool = option(False, "continue the run in --out exactly")
     report_to: str = option("none", "also send each step's metrics to this tracker, through accelerate "
                                     "(tensorboard writes under --out/logs)", choices=TRACKERS)
+
+    def __post_init__(self):
+        if isinstance(self.compile, bool):  # as recorded before --compile had modes (the runs store)
+            self.compile = "model" if self.compile else "off"
 
     def check_training(self) -> None:
         if self.tokens <= 0:
@@ -92,6 +101,8 @@ class TrainingOptions(LoadOptions):
         if not self.out:
             raise UserError("training needs an output folder (--out)")
         check_tracker(self.report_to)
+        if self.compile not in COMPILE:
+            raise UserError(f"unknown --compile '{self.compile}': use {', '.join(COMPILE)}")
         if self.loss_kernel not in liger.KERNELS:
             raise UserError(f"unknown loss kernel '{self.loss_kernel}': use {', '.join(liger.KERNELS)}")
         if self.device:

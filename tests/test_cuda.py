@@ -135,16 +135,17 @@ def test_liger_kernel_agrees_with_compacts_loss(device):
         assert ((a.float() - b.float()).norm() / a.float().norm()).item() < 5e-2
 
 
-def test_distill_with_liger_and_compile(files, device, tmp_path):
-    """The fast path on a GPU: liger's fused losses (where installed) and compiled bodies."""
+@pytest.mark.parametrize("compile_", ["layers", "model"])
+def test_distill_with_liger_and_compile(files, device, tmp_path, compile_):
+    """The fast paths on a GPU: liger's fused losses (where installed) and compiled layers or bodies."""
     if device == "cpu":
-        pytest.skip("--compile on the CPU: tests/test_distill.py::test_compiled_run_equals_the_eager_one")
+        pytest.skip("--compile on the CPU: tests/test_distill.py::test_compiled_runs_equal_the_eager_one")
     kernel = "compact" if liger.problem(device) else "liger"
-    out = tmp_path / f"distill-fast-{kernel}"
+    out = tmp_path / f"distill-fast-{kernel}-{compile_}"
     res = distill_run(DistillConfig(
         teacher=files["ckpt"], student=files["ckpt"], data=files["text"], out=str(out),
         tokens=4 * 2 * SEQ, seq_len=SEQ, batch=2, ce_weight=0.5, eval_tokens=4 * SEQ,
-        checkpoint_every=0, device=device, loss_kernel=kernel, compile=True))
+        checkpoint_every=0, device=device, loss_kernel=kernel, compile=compile_))
     assert res["status"] == "done" and _finite(res["loss"], res["val_loss_after"])
     assert models.load(str(out), device=device).shape.layers == 4
 

@@ -337,33 +337,40 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
-def test_compiled_run_equals_the_eager_one(tmp_path, pair, tokenizer):
-    """--compile runs both bodies through torch.compile (inductor, here on the CPU): the same
-    losses and weights as the eager run up to float rounding, the same checkpoint keys, and the
-    models themselves left uncompiled."""
+def test_compiled_runs_equal_the_eager_one(tmp_path, pair, tokenizer):
+    """--compile layers and --compile model run the student and the teacher through torch.compile
+    (inductor, here on the CPU): the same losses and weights as the eager run up to float
+    rounding, the same checkpoint keys, and the models given to the run left uncompiled."""
     from torch._dynamo.utils import counters
 
     if distill.compile_problem(torch.device("cpu")):
         pytest.skip(distill.compile_problem(torch.device("cpu")))
     teacher, student, data = pair
     plain = _with_dropout(copy.deepcopy(student), 0.0)  # inductor draws dropout from its own RNG
-    torch._dynamo.reset()
-    counters.clear()
     runs = {}
-    for compile_ in (False, True):
-        loaded = _loaded(copy.deepcopy(plain), tokenizer, "tiny-student")
-        out = tmp_path / f"compile-{compile_}"
-        distill.run(_config((teacher, plain, data), out, compile=compile_, hidden_weight=0.0),
-                    teacher=_loaded(teacher, tokenizer, "tiny-teacher"), student=loaded)
-        runs[compile_] = (_steps(out), _weights(out), loaded.model)
-    (eager_steps, eager_w, _), (steps, weights, model) = runs[False], runs[True]
-    assert counters["stats"]["unique_graphs"] >= 2  # the student's body and the teacher's were compiled
-    for a, b in zip(eager_steps, steps, strict=True):
-        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4) and b["kd"] == pytest.approx(a["kd"], rel=1e-4)
-    assert weights.keys() == eager_w.keys()
-    assert max((weights[k] - eager_w[k]).abs().max().item() for k in weights) < 1e-4
-    assert not hasattr(model, "_orig_mod") and model.model._compiled_call_impl is None
-    assert teacher.model._compiled_call_impl is None
-    with pytest.raises(models.UserError, match="--compile does not combine with --hidden-weight"):
-        distill.run(_config(pair, tmp_path / "h", compile=True), teacher=_loaded(teacher, tokenizer, "t"),
-                    student=_loaded(copy.deepcopy(plain), tokenizer, "s"))
+    for mode in ("off", "layers", "model"):
+        torch._dynamo.reset()
+        counters.clear()
+        loaded, t_loaded = _loaded(copy.deepcopy(plain), tokenizer, "tiny-student"), \
+            _loaded(teacher, tokenizer, "tiny-teacher")
+        out = tmp_path / f"compile-{mode}"
+        distill.run(_config((teacher, plain, data), out, compile=mode, hidden_weight=0.0),
+                    teacher=t_loaded, student=loaded)
+        runs[mode] = (_steps(out), _weights(out))
+        # compiled: the student's and the teacher's (one graph per body, or one block graph each)
+        assert counters["stats"]["unique_graphs"] >= (0 if mode == "off" else 2)
+        for model in (loaded.model, t_loaded.model):  # left as they came
+            assert not hasattr(model, "_orig_mod")
+            assert all(m._compiled_call_impl is None for m in model.modules())
+    eager_steps, eager_w = runs["off"]
+    for mode in ("layers", "model"):
+        steps, weights = runs[mode]
+        for a, b in zip(eager_steps, steps, strict=True):
+            assert b["loss"] == pytest.approx(a["loss"], rel=1e-4)
+            assert b["kd"] == pytest.approx(a["kd"], rel=1e-4)
+        assert weights.keys() == eager_w.keys()
+        assert max((weights[k] - eager_w[k]).abs().max().item() for k in weights) < 1e-4, mode
+    for mode in ("layers", "model"):
+        with pytest.raises(models.UserError, match="--compile does not combine with --hidden-weight"):
+            distill.run(_config(pair, tmp_path / "h", compile=mode), teacher=_loaded(teacher, tokenizer, "t"),
+                        student=_loaded(copy.deepcopy(plain), tokenizer, "s"))

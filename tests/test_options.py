@@ -71,3 +71,15 @@ def test_defaults_for_widgets_come_from_the_configs():
 def test_bad_command_lines_are_user_errors():
     with pytest.raises(UserError):
         jobs.parse_command_line("python -m compact prune --model default --layers many")
+
+
+def test_compile_recorded_as_true_or_false_reads_as_its_mode():
+    # runs recorded before --compile took off|layers|model stored a bool (the runs store keeps them)
+    from compact.distill import DistillConfig
+    from compact.sparsify import SparsifyConfig
+
+    assert DistillConfig(teacher="t", student="s", compile=True).compile == "model"
+    assert DistillConfig(teacher="t", student="s", compile=False).compile == "off"
+    assert SparsifyConfig(model="m", out="o", method="ast", compile=True).compile == "model"
+    with pytest.raises(UserError, match="unknown --compile 'fast'"):
+        DistillConfig(teacher="t", student="s", out="o", compile="fast").check()
