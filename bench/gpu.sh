@@ -23,7 +23,7 @@
 # The time limits below add up to 9 minutes.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-python}
+PY=${PYTHON:-python3}  # python3: some machines (GPU images among them) have no "python"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export COMPACT_HOME=${COMPACT_HOME:-$PWD/out/gpu-home}  # caches (tokenized builtin text) stay here
 
@@ -38,7 +38,7 @@ while [ $# -gt 0 ]; do
 done
 
 if ! $PY -c "import torch" 2>/dev/null; then
-  echo "bench/gpu.sh: '$PY' cannot import torch; name the Python that has it: PYTHON=... bash bench/gpu.sh" >&2
+  echo "bench/gpu.sh: '$PY' cannot import torch; name the one that has it: PYTHON=... bash bench/gpu.sh" >&2
   exit 2
 fi
 if [ -n "$CPU" ]; then
