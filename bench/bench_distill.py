@@ -160,8 +160,9 @@ def memory_child(args) -> None:
     print(json.dumps({"peak_bytes": peak - base}))
 
 
-def summarize(args, device, teacher, params, tokens, modes, times, warm_up, peaks) -> dict:
-    """The result file from the modes measured so far (those not yet measured are named)."""
+def summarize(args, device, teacher, params, tokens, modes, times, warm_up, peaks, errors) -> dict:
+    """The result file from the modes measured so far (those not yet measured are named, and
+    the error of those that failed)."""
     done = [m for m in modes if times.get(m)]
     speed = {m: tokens / statistics.median(times[m]) for m in done}
     best = max((m for m in done if m.startswith("distill")), key=speed.get)
@@ -185,6 +186,7 @@ def summarize(args, device, teacher, params, tokens, modes, times, warm_up, peak
         "modes": {m: {"step_s_median": statistics.median(times[m]), "tokens_per_s": speed[m],
                       "warm_up_s": warm_up[m], "peak_memory_mb": mb(m)} for m in done},
         "not_measured": [m for m in modes if m not in done],
+        "errors": errors,
         "summary": {
             "distill_tokens_per_s": speed["distill"],
             "fastest_distill_mode": best,
@@ -227,28 +229,37 @@ def main() -> int:
     device, teacher, steps, params, layers_on = setup(args)
     tokens = args.batch * args.seq_len
     modes = list(steps)
-    times, warm_up, peaks = {}, {}, {}
+    times, warm_up, peaks, errors = {}, {}, {}, {}
     # Eager, then compiled layers, then compiled bodies (the longest to compile), and the file
-    # written after each group: a run stopped by a time limit keeps what it measured.
+    # written after each group: a run stopped by a time limit keeps what it measured, and a
+    # group that fails (a compiler error, say) is recorded and the next one still runs.
     for kind in ("off", "layers", "model"):
         group = [m for m in modes if compile_mode(m) == kind]
         if not group:
             continue
         plain_again = layers_on() if kind == "layers" else None
-        for m in group:  # allocator, kernels, optimizer state; compiled modes compile (and may recompile)
-            warm_up[m] = sum(timed(steps[m], device) for _ in range(1 if kind == "off" else 3))
-        for m in group:
-            times[m] = []
-        for _ in range(args.steps):
-            for m in group:  # alternating, so that load from elsewhere hits the modes alike
-                times[m].append(timed(steps[m], device))
-        if device.type == "cuda":
-            peaks.update({m: cuda_peak(steps[m], device) for m in group})
-        if plain_again:
-            plain_again()
-        write_json(args.out, summarize(args, device, teacher, params, tokens, modes, times, warm_up, peaks))
+        try:
+            for m in group:  # allocator, kernels, optimizer state; compiled modes compile (and may recompile)
+                warm_up[m] = sum(timed(steps[m], device) for _ in range(1 if kind == "off" else 3))
+            rounds = {m: [] for m in group}
+            for _ in range(args.steps):
+                for m in group:  # alternating, so that load from elsewhere hits the modes alike
+                    rounds[m].append(timed(steps[m], device))
+            if device.type == "cuda":
+                peaks.update({m: cuda_peak(steps[m], device) for m in group})
+            times.update(rounds)
+        except Exception as e:  # noqa: BLE001  (recorded in the file, and the exit status says so)
+            if kind == "off":
+                raise
+            errors.update({m: f"{type(e).__name__}: {e}"[:1000] for m in group})
+            print(f"bench_distill: {', '.join(group)} failed: {type(e).__name__}: {e}", file=sys.stderr)
+        finally:
+            if plain_again:
+                plain_again()
+        write_json(args.out, summarize(args, device, teacher, params, tokens, modes, times, warm_up, peaks,
+                                       errors))
     del steps
-    for m in modes if device.type != "cuda" else ():  # CPU: separate processes
+    for m in [m for m in modes if m in times] if device.type != "cuda" else ():  # CPU: separate processes
         cmd = [sys.executable, "-m", "bench.bench_distill", "--mode", m, "--model", args.model,
                "--batch", str(args.batch),
                "--seq-len", str(args.seq_len), "--keep-layers", str(args.keep_layers),
@@ -257,10 +268,10 @@ def main() -> int:
             cmd += ["--device", args.device]
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True)
         peaks[m] = json.loads(proc.stdout.strip().splitlines()[-1])["peak_bytes"]
-    result = summarize(args, device, teacher, params, tokens, modes, times, warm_up, peaks)
+    result = summarize(args, device, teacher, params, tokens, modes, times, warm_up, peaks, errors)
     write_json(args.out, result)
     print(json.dumps(result["summary"], indent=2))
-    return 0
+    return 1 if errors else 0
 
 
 if __name__ == "__main__":
