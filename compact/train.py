@@ -285,6 +285,8 @@ def check_out(cfg: DistillConfig, world: int, hooks: TrainHooks) -> dict | None:
     if not (out / "run.json").exists():
         raise UserError(f"cannot resume in {out}: its run.json (the run's settings) is missing")
     saved = json.loads((out / "run.json").read_text())
+    if isinstance(saved.get("compile"), bool):  # written before --compile had modes
+        saved["compile"] = "model" if saved["compile"] else "off"
     now = run_settings(cfg, world, hooks)
     diff = [k for k in now if k in saved and saved[k] != now[k]]
     if diff:

@@ -120,6 +120,10 @@ def test_interrupted_and_resumed_run_ends_bit_identical(tmp_path, pair, tokenize
     part = _run(_config(pair, cut), pair, tokenizer, should_stop=lambda: len(_steps(cut)) >= 2)
     assert part["status"] == "cancelled" and part["steps"] == 2
     assert (cut / "checkpoint" / "progress.json").exists() and not (cut / "model.safetensors").exists()
+    settings = json.loads((cut / "run.json").read_text())
+    assert settings["compile"] == "off"
+    # as a compact before --compile had modes wrote it: still the same settings
+    (cut / "run.json").write_text(json.dumps({**settings, "compile": False}))
     resumed = _run(_config(pair, cut, resume=True), pair, tokenizer)
     assert resumed["status"] == "done" and resumed["steps"] == 4
 
