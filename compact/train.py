@@ -48,6 +48,11 @@ TRACKERS = ("none", "tensorboard", "trackio", "wandb")  # accelerate's names (lo
 COMPILE = ("off", "layers", "model")
 
 
+def compile_mode(value) -> str:
+    """A --compile value; true/false as recorded before it had modes (runs store, run.json)."""
+    return ("model" if value else "off") if isinstance(value, bool) else value
+
+
 @dataclass(kw_only=True)
 class TrainingOptions(LoadOptions):
     """What every training run takes (distillation and AST): data, budget, optimizer, loss mix."""
@@ -79,8 +84,7 @@ class TrainingOptions(LoadOptions):
                                     "(tensorboard writes under --out/logs)", choices=TRACKERS)
 
     def __post_init__(self):
-        if isinstance(self.compile, bool):  # as recorded before --compile had modes (the runs store)
-            self.compile = "model" if self.compile else "off"
+        self.compile = compile_mode(self.compile)
 
     def check_training(self) -> None:
         if self.tokens <= 0:
@@ -285,8 +289,8 @@ def check_out(cfg: DistillConfig, world: int, hooks: TrainHooks) -> dict | None:
     if not (out / "run.json").exists():
         raise UserError(f"cannot resume in {out}: its run.json (the run's settings) is missing")
     saved = json.loads((out / "run.json").read_text())
-    if isinstance(saved.get("compile"), bool):  # written before --compile had modes
-        saved["compile"] = "model" if saved["compile"] else "off"
+    if "compile" in saved:
+        saved["compile"] = compile_mode(saved["compile"])
     now = run_settings(cfg, world, hooks)
     diff = [k for k in now if k in saved and saved[k] != now[k]]
     if diff:
