@@ -25,6 +25,19 @@ def on_zero_gpu() -> bool:
     return os.environ.get("SPACES_ZERO_GPU", "").lower() in ("1", "t", "true")
 
 
+def cores() -> int:
+    """The CPU cores this process may run on (a container's or taskset's share, not the machine's)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def cpu_threads(processes: int) -> int:
+    """torch's CPU threads for each of `processes` processes that compute at once: an equal share
+    of the cores. Each process's OpenMP pool takes every core by default; side by side, the pools
+    spin against each other (two distillations on 2 cores: 9.6 tokens/s each with 2 threads,
+    35 with 1, bench/results/threads.json)."""
+    return max(1, cores() // max(1, processes))
+
+
 @dataclass(frozen=True)
 class Device:
     is_cuda: bool

@@ -14,7 +14,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from compact import models
+from compact import hardware, models
 from tests.helpers import tiny_model
 
 # The runs store is per user and outlives the suite: a store left by another compact (an older or
@@ -30,10 +30,9 @@ def pytest_configure(config):
     # process, before the workers start, so they and their subprocesses inherit it; an
     # OMP_NUM_THREADS the user set wins.
     if not hasattr(config, "workerinput"):
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        workers = config.getoption("numprocesses", None)
-        workers = workers if isinstance(workers, int) and workers > 0 else (cores if workers else 1)
-        os.environ.setdefault("OMP_NUM_THREADS", str(max(1, cores // workers)))
+        workers = config.getoption("numprocesses", None)  # an int, "auto" or None
+        workers = workers if isinstance(workers, int) else hardware.cores() if workers else 1
+        os.environ.setdefault("OMP_NUM_THREADS", str(hardware.cpu_threads(workers)))
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 

@@ -1,6 +1,11 @@
-"""Precision and 2:4 kernels by hardware: each case with made-up device properties, on a CPU."""
+"""Precision, 2:4 kernels and CPU threads by hardware: each case with made-up device properties,
+on a CPU."""
 
 from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -78,3 +83,23 @@ def test_app_sizes_are_small_on_a_cpu_and_the_command_lines_on_a_gpu():
     assert gpu["sparsify_samples"] == default(sparsify.SparsifyConfig, "samples")
     assert gpu["experiment_tokens"] == default(experiments.ExperimentConfig, "tokens")
     assert hardware.app_sizes(T4) == gpu
+
+
+def test_cpu_threads_share_the_cores(monkeypatch):
+    assert 1 <= hardware.cores() <= os.cpu_count()
+    monkeypatch.setattr(hardware, "cores", lambda: 16)
+    assert [hardware.cpu_threads(n) for n in (0, 1, 2, 3, 16, 64)] == [16, 16, 8, 5, 1, 1]
+
+
+def test_each_worker_gets_its_share_unless_the_server_was_given_one(monkeypatch):
+    from ui import lanes
+    from ui import state as st
+
+    monkeypatch.setattr(hardware, "cores", lambda: 4)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    for workers, threads in ((1, "4"), (2, "2"), (8, "1")):
+        monkeypatch.setattr(st, "SETTINGS", dataclasses.replace(st.SETTINGS, workers=workers))
+        env = lanes.worker_env("s", 7, Path("events.jsonl"))
+        assert env["OMP_NUM_THREADS"] == threads and env["COMPACT_RUN_ID"] == "7"
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert lanes.worker_env("s", 7, Path("events.jsonl"))["OMP_NUM_THREADS"] == "3"

@@ -40,7 +40,7 @@ import gradio as gr
 from compact import runs, slices
 from compact.errors import Cancelled, UserError
 from compact.events import ENDS, EVENTS_ENV, PARENT_ENV, RUN_ID_ENV, EventReader, last_end
-from compact.hardware import on_zero_gpu
+from compact.hardware import cpu_threads, on_zero_gpu
 from compact.jobs import argv, command_line, command_of, parse_command_line
 from ui import jobs
 from ui import state as st
@@ -119,12 +119,10 @@ def run_worker(cfg, job: jobs.Job, sid: str) -> dict:
                                         "line": command_line(cfg), "started": time.time()}, indent=2))
     paths["events"].unlink(missing_ok=True)
     reader = EventReader(paths["events"])
-    env = {**os.environ, EVENTS_ENV: str(paths["events"]), RUN_ID_ENV: str(run_id),
-           PARENT_ENV: str(os.getpid()), runs.SESSION_ENV: sid,
-           "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
     with open(paths["log"], "ab") as log:
         # Its own session: a Ctrl-C in the server's terminal is not a second stop signal for it.
-        proc = subprocess.Popen([sys.executable, "-m", "compact", *argv(cfg)], cwd=os.getcwd(), env=env,
+        proc = subprocess.Popen([sys.executable, "-m", "compact", *argv(cfg)], cwd=os.getcwd(),
+                                env=worker_env(sid, run_id, paths["events"]),
                                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)
     _lower_priority(proc.pid)
@@ -137,6 +135,16 @@ def run_worker(cfg, job: jobs.Job, sid: str) -> dict:
             proc.terminate()
             proc.wait()
     return _outcome(command, proc, end, paths["log"])
+
+
+def worker_env(sid: str, run_id: int, events: Path) -> dict[str, str]:
+    """The server's environment, plus where the worker writes its events, and its share of the
+    cores: up to COMPACT_WORKERS workers train side by side (an OMP_NUM_THREADS set for the
+    server is kept)."""
+    return {**os.environ, EVENTS_ENV: str(events), RUN_ID_ENV: str(run_id),
+            PARENT_ENV: str(os.getpid()), runs.SESSION_ENV: sid,
+            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS") or str(cpu_threads(st.SETTINGS.workers)),
+            "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
 
 
 def _lower_priority(pid: int) -> None:
