@@ -147,6 +147,26 @@ def _stop_on_signal(parent: int | None = None):
             signal.signal(s, handler)
 
 
+def _following_thread_share(should_stop):
+    """should_stop() that first takes the share of the cores the app's server last wrote for this
+    worker (COMPACT_THREADS_FILE, compact.hardware): asked at every safe point, in the job's own
+    thread, the one whose torch threads count."""
+    from compact.hardware import THREADS_ENV, take_thread_share
+
+    path = os.environ.get(THREADS_ENV)
+    if not path:
+        return should_stop
+
+    def ask() -> bool:
+        share = take_thread_share(path)
+        if share:
+            print(f"CPU threads: {share} (the app's running workers share the cores)", file=sys.stderr,
+                  flush=True)
+        return should_stop()
+
+    return ask
+
+
 def _record(run, result) -> None:
     if isinstance(result, dict):
         run.metrics = result
@@ -193,6 +213,7 @@ def run_job(name: str, cfg) -> dict:
     recorded = job.recorded and main and not os.environ.get(events.RUN_ID_ENV)
     try:
         with _stop_on_signal(parent) as should_stop:
+            should_stop = _following_thread_share(should_stop)
             if not recorded:
                 result = job.run(cfg, progress=report, should_stop=should_stop, **extra)
             else:

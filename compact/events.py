@@ -16,8 +16,9 @@ follows the file with EventReader.
 
 Other variables a process started for the app reads: COMPACT_RUN_ID (the app records the run
 itself, so the job records none of its own), COMPACT_PARENT_PID (stop at the next safe point,
-as on SIGTERM, when that process is gone) and COMPACT_SESSION (compact.runs: the session that
-the runs it records belong to).
+as on SIGTERM, when that process is gone), COMPACT_SESSION (compact.runs: the session that
+the runs it records belong to) and COMPACT_THREADS_FILE (its share of the cores, followed at
+every safe point: compact.hardware).
 """
 
 from __future__ import annotations

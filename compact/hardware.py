@@ -12,7 +12,9 @@ is tested on a CPU with made-up properties; `props(device)` reads the real ones.
 from __future__ import annotations
 
 import os
+import threading
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -33,9 +35,57 @@ def cores() -> int:
 def cpu_threads(processes: int) -> int:
     """torch's CPU threads for each of `processes` processes that compute at once: an equal share
     of the cores. Each process's OpenMP pool takes every core by default; side by side, the pools
-    spin against each other (two distillations on 2 cores: 9.6 tokens/s each with 2 threads,
-    35 with 1, bench/results/threads.json)."""
+    spin against each other (two distillations on 2 cores: 9.5 tokens/s each with 2 threads,
+    32-35 with 1, bench/results/threads.json)."""
     return max(1, cores() // max(1, processes))
+
+
+# The app's worker processes share the cores by what runs now: alone, a worker gets every core;
+# while two run, half each. The server writes each running worker's share into a file of its own
+# (CoreShares) whenever a worker starts or ends; the worker takes it at its next safe point
+# (take_thread_share, called with should_stop in the job's thread: OpenMP's thread count is set
+# per thread, so only the thread that computes can change its own).
+THREADS_ENV = "COMPACT_THREADS_FILE"
+
+
+class CoreShares:
+    """The running workers' files, each holding cpu_threads(number running)."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._files: dict[object, Path] = {}
+
+    def join(self, key, path: str | os.PathLike) -> int:
+        """A worker starts: every running one's share is rewritten. Returns the new share."""
+        with self._lock:
+            self._files[key] = Path(path)
+            return self._write()
+
+    def leave(self, key) -> None:
+        with self._lock:
+            if self._files.pop(key, None) is not None:
+                self._write()
+
+    def _write(self) -> int:
+        share = cpu_threads(len(self._files))
+        for path in self._files.values():
+            part = path.with_name(path.name + ".part")
+            part.write_text(str(share))
+            os.replace(part, path)  # whole: a worker never reads half a number
+        return share
+
+
+def take_thread_share(path: str | os.PathLike) -> int | None:
+    """Set torch's CPU threads (of the calling thread) to the number in `path` when it differs;
+    returns that number then, else None (unchanged, or no readable file)."""
+    try:
+        share = int(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+    if share < 1 or share == torch.get_num_threads():
+        return None
+    torch.set_num_threads(share)
+    return share
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,6 @@ on a CPU."""
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from pathlib import Path
 
@@ -91,15 +90,45 @@ def test_cpu_threads_share_the_cores(monkeypatch):
     assert [hardware.cpu_threads(n) for n in (0, 1, 2, 3, 16, 64)] == [16, 16, 8, 5, 1, 1]
 
 
-def test_each_worker_gets_its_share_unless_the_server_was_given_one(monkeypatch):
-    from ui import lanes
-    from ui import state as st
-
+def test_workers_share_the_cores_by_how_many_run(monkeypatch, tmp_path):
     monkeypatch.setattr(hardware, "cores", lambda: 4)
+    shares, files = hardware.CoreShares(), [tmp_path / f"job-{i}.threads" for i in range(3)]
+    read = lambda: [int(f.read_text()) if f.exists() else None for f in files]  # noqa: E731
+    assert shares.join(0, files[0]) == 4 and read() == [4, None, None]
+    assert shares.join(1, files[1]) == 2 and read() == [2, 2, None]
+    assert shares.join(2, files[2]) == 1 and read() == [1, 1, 1]
+    shares.leave(1)
+    assert read() == [2, 1, 2]  # the one that left keeps its last number (the server deletes it)
+    shares.leave(1)  # twice: nothing changes
+    shares.leave(0)
+    assert read() == [2, 1, 4] and not list(tmp_path.glob("*.part"))
+
+
+def test_a_worker_takes_its_share_when_the_file_changes(tmp_path):
+    path, before = tmp_path / "job-1.threads", torch.get_num_threads()
+    try:
+        assert hardware.take_thread_share(path) is None  # no file: unchanged
+        path.write_text(str(before))
+        assert hardware.take_thread_share(path) is None and torch.get_num_threads() == before
+        other = 2 if before == 1 else 1
+        path.write_text(str(other))
+        assert hardware.take_thread_share(path) == other and torch.get_num_threads() == other
+        path.write_text("")  # unreadable: kept
+        assert hardware.take_thread_share(path) is None and torch.get_num_threads() == other
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_the_worker_env_names_the_threads_file_unless_the_server_was_given_threads(monkeypatch, tmp_path):
+    from ui import lanes
+
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    for workers, threads in ((1, "4"), (2, "2"), (8, "1")):
-        monkeypatch.setattr(st, "SETTINGS", dataclasses.replace(st.SETTINGS, workers=workers))
-        env = lanes.worker_env("s", 7, Path("events.jsonl"))
-        assert env["OMP_NUM_THREADS"] == threads and env["COMPACT_RUN_ID"] == "7"
+    with lanes._core_share(7, tmp_path / "job-7.threads") as threads:
+        env = lanes.worker_env("s", 7, Path("events.jsonl"), threads)
+        assert env["OMP_NUM_THREADS"] == str(hardware.cpu_threads(1)) and env["COMPACT_RUN_ID"] == "7"
+        assert env[hardware.THREADS_ENV] == str(threads) and threads.exists()
+    assert not threads.exists()  # the worker has ended: its file goes
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
-    assert lanes.worker_env("s", 7, Path("events.jsonl"))["OMP_NUM_THREADS"] == "3"
+    with lanes._core_share(8, tmp_path / "job-8.threads") as threads:
+        env = lanes.worker_env("s", 8, Path("events.jsonl"), threads)
+    assert threads is None and env["OMP_NUM_THREADS"] == "3" and hardware.THREADS_ENV not in env

@@ -184,3 +184,29 @@ def test_restart_shows_the_run_interrupted_and_resume_finishes_it(tmp_path, make
         assert steps_written(row["artifact"]) == list(range(1, 13))
         statuses = [r["status"] for r in runs.RunStore(files["db"]).list(kind="distill")]
         assert statuses == ["succeeded", "interrupted"]
+
+
+def test_workers_share_the_cores_by_how_many_run(tmp_path, make_model, tokenizer):
+    from compact.hardware import cpu_threads
+
+    alone, two = cpu_threads(1), cpu_threads(2)
+    if alone == two:
+        pytest.skip("one core: every worker has one thread however many run")
+    files = prepare(tmp_path, make_model, tokenizer)
+    # Without OMP_NUM_THREADS (the tests set one for every process they start), as a server runs.
+    with serve(tmp_path, env={"OMP_NUM_THREADS": None, "COMPACT_WORKERS": "2"}) as url:
+        first, second = Client(url, verbose=False), Client(url, verbose=False)  # two visitors
+        job = first.submit(*distill_args(files, 5000), api_name="/distill")
+        row = running_worker(files["db"])
+        log = wait_for(lambda: next((tmp_path / "data").glob(f"*/job-{row['id']}.log"), None))
+        threads = log.with_suffix(".threads")
+        assert f"OMP_NUM_THREADS={alone}" in Path(f"/proc/{row['pid']}/environ").read_text().split("\0")
+        second.predict(*distill_args(files, 3), api_name="/distill")  # alongside, to its end
+        changes = lambda: [line.split()[2] for line in log.read_text().splitlines()  # noqa: E731
+                           if line.startswith("CPU threads:")]
+        # the first worker took half the cores while the second ran, then all of them again
+        wait_for(lambda: changes() == [str(two), str(alone)], timeout=120)
+        assert threads.read_text() == str(alone)
+        assert first.predict(api_name="/cancel").startswith("Stopping")
+        assert job.result(timeout=300)[2]["status"] == "cancelled"
+        assert not threads.exists()

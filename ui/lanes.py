@@ -6,13 +6,16 @@ their events share the `workers` concurrency group (ui/common.LONG), apart from 
 ones (load, generate, importance, prune, compare), which never wait behind a long job. The
 server follows each worker through its event file (compact.events) in the job's thread
 (ui/jobs.run), so the progress bar and the live plots get what an in-process job gave them.
+Workers share the cores by how many run now: each gets cores / running as torch's threads,
+through a file the server rewrites as workers start and end (compact.hardware.CoreShares).
 Cancel sends SIGTERM: the job stops at its next safe point (a training run saves a checkpoint)
 and ends with its result. The server records the run with the worker's pid; a worker that dies
 is recorded as failed with the reason, the tab shows it as an error, and the server serves on.
 A tab that needs the model a worker wrote loads it from disk afterwards (ui/state.CACHE).
 
 Each job leaves beside the session's outputs `job-<run>.json` (its command line, to resume it),
-`job-<run>.events.jsonl` (its event stream) and `job-<run>.log` (its stdout and stderr).
+`job-<run>.events.jsonl` (its event stream) and `job-<run>.log` (its stdout and stderr); while
+it runs, `job-<run>.threads` (its share of the cores).
 
 Restart: a worker whose server is gone stops at its next safe point, as on SIGTERM (it watches
 its parent). The next server finds the run crashed (compact.runs marks a run whose process is
@@ -25,6 +28,7 @@ COMPACT_WORKERS=0 runs long jobs in the server process, as before (ZeroGPU's def
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -40,7 +44,7 @@ import gradio as gr
 from compact import runs, slices
 from compact.errors import Cancelled, UserError
 from compact.events import ENDS, EVENTS_ENV, PARENT_ENV, RUN_ID_ENV, EventReader, last_end
-from compact.hardware import cpu_threads, on_zero_gpu
+from compact.hardware import THREADS_ENV, CoreShares, on_zero_gpu
 from compact.jobs import argv, command_line, command_of, parse_command_line
 from ui import jobs
 from ui import state as st
@@ -48,6 +52,7 @@ from ui import state as st
 ROOT = Path(__file__).resolve().parents[1]
 POLL_S = 0.1  # how often the server looks for new events and for the worker's exit
 RESUMABLE_STATUSES = ("interrupted", "crashed", "cancelled", "failed")
+SHARES = CoreShares()  # the running workers' torch threads: cores / how many run now
 
 
 def enabled() -> bool:
@@ -94,7 +99,7 @@ def run_here(run, cfg, job: jobs.Job, resumable: bool = True, preload=None) -> d
 def files(sid: str, run_id: int) -> dict[str, Path]:
     folder = st.session_dir(sid)
     return {"job": folder / f"job-{run_id}.json", "events": folder / f"job-{run_id}.events.jsonl",
-            "log": folder / f"job-{run_id}.log"}
+            "log": folder / f"job-{run_id}.log", "threads": folder / f"job-{run_id}.threads"}
 
 
 def worker_config(cfg):
@@ -119,32 +124,48 @@ def run_worker(cfg, job: jobs.Job, sid: str) -> dict:
                                         "line": command_line(cfg), "started": time.time()}, indent=2))
     paths["events"].unlink(missing_ok=True)
     reader = EventReader(paths["events"])
-    with open(paths["log"], "ab") as log:
+    with open(paths["log"], "ab") as log, _core_share(run_id, paths["threads"]) as threads:
         # Its own session: a Ctrl-C in the server's terminal is not a second stop signal for it.
         proc = subprocess.Popen([sys.executable, "-m", "compact", *argv(cfg)], cwd=os.getcwd(),
-                                env=worker_env(sid, run_id, paths["events"]),
+                                env=worker_env(sid, run_id, paths["events"], threads),
                                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)
-    _lower_priority(proc.pid)
-    job.record.store.set_pid(run_id, proc.pid)
-    try:
-        end = _follow(proc, reader, job)
-    finally:
-        reader.close()
-        if proc.poll() is None:  # the relay itself failed: do not leave the worker behind
-            proc.terminate()
-            proc.wait()
+        _lower_priority(proc.pid)
+        job.record.store.set_pid(run_id, proc.pid)
+        try:
+            end = _follow(proc, reader, job)
+        finally:
+            reader.close()
+            if proc.poll() is None:  # the relay itself failed: do not leave the worker behind
+                proc.terminate()
+                proc.wait()
     return _outcome(command, proc, end, paths["log"])
 
 
-def worker_env(sid: str, run_id: int, events: Path) -> dict[str, str]:
-    """The server's environment, plus where the worker writes its events, and its share of the
-    cores: up to COMPACT_WORKERS workers train side by side (an OMP_NUM_THREADS set for the
-    server is kept)."""
-    return {**os.environ, EVENTS_ENV: str(events), RUN_ID_ENV: str(run_id),
-            PARENT_ENV: str(os.getpid()), runs.SESSION_ENV: sid,
-            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS") or str(cpu_threads(st.SETTINGS.workers)),
-            "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
+@contextlib.contextmanager
+def _core_share(run_id: int, path: Path):
+    """The worker's share of the cores while it runs: yields its threads file (None when the
+    server was started with OMP_NUM_THREADS, which every worker then keeps)."""
+    if os.environ.get("OMP_NUM_THREADS"):
+        yield None
+        return
+    SHARES.join(run_id, path)
+    try:
+        yield path
+    finally:
+        SHARES.leave(run_id)
+        path.unlink(missing_ok=True)
+
+
+def worker_env(sid: str, run_id: int, events: Path, threads: Path | None = None) -> dict[str, str]:
+    """The server's environment, plus where the worker writes its events, and its threads file
+    (compact.hardware.CoreShares): it starts with the share written there and follows it."""
+    env = {**os.environ, EVENTS_ENV: str(events), RUN_ID_ENV: str(run_id),
+           PARENT_ENV: str(os.getpid()), runs.SESSION_ENV: sid,
+           "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
+    if threads is not None:
+        env.update({"OMP_NUM_THREADS": threads.read_text(), THREADS_ENV: str(threads)})
+    return env
 
 
 def _lower_priority(pid: int) -> None:

@@ -27,7 +27,7 @@ def free_port() -> int:
 @contextmanager
 def serve(tmp: Path, timeout: float = 180, env: dict | None = None):
     """Yield the URL of a freshly started app whose data and runs store live under tmp (env: more
-    variables for it, such as settings)."""
+    variables for it, such as settings; None removes one)."""
     extra = env or {}
     port = free_port()
     # Host and port through Gradio's own variables, as on a Space (COMPACT_HOST / COMPACT_PORT
@@ -36,6 +36,7 @@ def serve(tmp: Path, timeout: float = 180, env: dict | None = None):
     env.update({"GRADIO_SERVER_NAME": "127.0.0.1", "GRADIO_SERVER_PORT": str(port),
                 "COMPACT_DATA": str(tmp / "data"), "COMPACT_RUNS_DB": str(tmp / "runs.sqlite"),
                 "GRADIO_ANALYTICS_ENABLED": "False", **extra})
+    env = {k: v for k, v in env.items() if v is not None}
     log = open(tmp / "server.log", "w")
     proc = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=env, stdout=log,
                             stderr=subprocess.STDOUT)
