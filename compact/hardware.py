@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,39 +41,77 @@ def cpu_threads(processes: int) -> int:
     return max(1, cores() // max(1, processes))
 
 
-# The app's worker processes share the cores by what runs now: alone, a worker gets every core;
-# while two run, half each. The server writes each running worker's share into a file of its own
-# (CoreShares) whenever a worker starts or ends; the worker takes it at its next safe point
-# (take_thread_share, called with should_stop in the job's thread: OpenMP's thread count is set
-# per thread, so only the thread that computes can change its own).
+# What computes at once in the app shares the cores: its worker processes and the server's own
+# computing threads (generate, importance, prune, compare), each with cpu_threads(how many run).
+# Teams of OpenMP threads that add up to more than the cores spin against each other (the load
+# test's generate p90: 6.2 s with the server's threads on every core, 2.1 s sharing them,
+# bench/results/load.json). The server writes each worker's share into a file of its own
+# whenever anything starts or ends; a worker takes it at its next safe point (take_thread_share,
+# called with should_stop in the job's thread: OpenMP's thread count is set per thread, so only
+# the thread that computes can change its own); a thread of the server takes it as it starts,
+# and a job at each should_stop (ui/jobs).
 THREADS_ENV = "COMPACT_THREADS_FILE"
 
 
 class CoreShares:
-    """The running workers' files, each holding cpu_threads(number running)."""
+    """What computes at once: worker processes (each with its threads file) and threads of this
+    process; each gets cpu_threads(how many), or `fixed` threads whatever runs (a server started
+    with OMP_NUM_THREADS: its workers inherit that and write no files)."""
 
-    def __init__(self):
+    def __init__(self, fixed: int | None = None):
         self._lock = threading.Lock()
-        self._files: dict[object, Path] = {}
+        self._files: dict[object, Path | None] = {}  # None: a thread of this process
+        self.fixed = fixed
 
-    def join(self, key, path: str | os.PathLike) -> int:
-        """A worker starts: every running one's share is rewritten. Returns the new share."""
+    def join(self, key, path: str | os.PathLike | None = None) -> int:
+        """A worker (path: its threads file) or a thread of this process (None) starts
+        computing: every worker's file is rewritten. Returns the new share."""
         with self._lock:
-            self._files[key] = Path(path)
+            self._files[key] = None if path is None else Path(path)
             return self._write()
 
     def leave(self, key) -> None:
         with self._lock:
-            if self._files.pop(key, None) is not None:
+            if key in self._files:
+                del self._files[key]
                 self._write()
 
+    def share(self) -> int:
+        return self.fixed or cpu_threads(len(self._files))
+
+    def take(self) -> None:
+        """The calling thread's torch threads become the share now."""
+        share = self.share()
+        if share != torch.get_num_threads():
+            torch.set_num_threads(share)
+
+    @contextmanager
+    def computing(self):
+        """The calling thread computes inside: counted, and given its share as it starts."""
+        key = object()
+        self.join(key)
+        try:
+            self.take()
+            yield
+        finally:
+            self.leave(key)
+
     def _write(self) -> int:
-        share = cpu_threads(len(self._files))
+        share = self.share()
         for path in self._files.values():
-            part = path.with_name(path.name + ".part")
-            part.write_text(str(share))
-            os.replace(part, path)  # whole: a worker never reads half a number
+            if path is not None:
+                part = path.with_name(path.name + ".part")
+                part.write_text(str(share))
+                os.replace(part, path)  # whole: a worker never reads half a number
         return share
+
+
+def omp_threads() -> int | None:
+    """The OMP_NUM_THREADS this process was started with, if any (its first level's number)."""
+    try:
+        return int(os.environ.get("OMP_NUM_THREADS", "").split(",")[0]) or None
+    except ValueError:
+        return None
 
 
 def take_thread_share(path: str | os.PathLike) -> int | None:

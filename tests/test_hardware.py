@@ -90,18 +90,47 @@ def test_cpu_threads_share_the_cores(monkeypatch):
     assert [hardware.cpu_threads(n) for n in (0, 1, 2, 3, 16, 64)] == [16, 16, 8, 5, 1, 1]
 
 
-def test_workers_share_the_cores_by_how_many_run(monkeypatch, tmp_path):
+def test_workers_and_server_threads_share_the_cores_by_how_many_run(monkeypatch, tmp_path):
     monkeypatch.setattr(hardware, "cores", lambda: 4)
     shares, files = hardware.CoreShares(), [tmp_path / f"job-{i}.threads" for i in range(3)]
     read = lambda: [int(f.read_text()) if f.exists() else None for f in files]  # noqa: E731
     assert shares.join(0, files[0]) == 4 and read() == [4, None, None]
     assert shares.join(1, files[1]) == 2 and read() == [2, 2, None]
+    assert shares.join("thread") == 1 and read() == [1, 1, None]  # a thread of the server: no file
+    shares.leave("thread")
     assert shares.join(2, files[2]) == 1 and read() == [1, 1, 1]
     shares.leave(1)
-    assert read() == [2, 1, 2]  # the one that left keeps its last number (the server deletes it)
+    assert read() == [2, 1, 2] and shares.share() == 2  # the one that left keeps its last number
     shares.leave(1)  # twice: nothing changes
     shares.leave(0)
     assert read() == [2, 1, 4] and not list(tmp_path.glob("*.part"))
+    fixed = hardware.CoreShares(fixed=3)  # the server was given OMP_NUM_THREADS
+    assert fixed.join(0, files[0]) == 3 and fixed.join(1, files[1]) == 3 and fixed.share() == 3
+
+
+def test_a_computing_thread_takes_its_share_as_it_starts_and_at_each_take(monkeypatch):
+    monkeypatch.setattr(hardware, "cores", lambda: 2)
+    shares, before, seen = hardware.CoreShares(), torch.get_num_threads(), {}
+    try:
+        with shares.computing():
+            seen["alone"] = torch.get_num_threads()
+            shares.join("worker", None)  # something else starts
+            shares.take()
+            seen["beside one"] = torch.get_num_threads()
+            shares.leave("worker")
+            shares.take()
+            seen["alone again"] = torch.get_num_threads()
+        assert shares.share() == 2 and seen == {"alone": 2, "beside one": 1, "alone again": 2}
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_omp_threads_reads_the_first_level(monkeypatch):
+    for value, threads in (("3", 3), ("4,2", 4), ("", None), ("abc", None), ("0", None)):
+        monkeypatch.setenv("OMP_NUM_THREADS", value)
+        assert hardware.omp_threads() == threads
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    assert hardware.omp_threads() is None
 
 
 def test_a_worker_takes_its_share_when_the_file_changes(tmp_path):
@@ -121,14 +150,17 @@ def test_a_worker_takes_its_share_when_the_file_changes(tmp_path):
 
 def test_the_worker_env_names_the_threads_file_unless_the_server_was_given_threads(monkeypatch, tmp_path):
     from ui import lanes
+    from ui import state as st
 
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(st, "CORES", hardware.CoreShares())
     with lanes._core_share(7, tmp_path / "job-7.threads") as threads:
         env = lanes.worker_env("s", 7, Path("events.jsonl"), threads)
         assert env["OMP_NUM_THREADS"] == str(hardware.cpu_threads(1)) and env["COMPACT_RUN_ID"] == "7"
         assert env[hardware.THREADS_ENV] == str(threads) and threads.exists()
     assert not threads.exists()  # the worker has ended: its file goes
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    monkeypatch.setattr(st, "CORES", hardware.CoreShares(fixed=3))
     with lanes._core_share(8, tmp_path / "job-8.threads") as threads:
         env = lanes.worker_env("s", 8, Path("events.jsonl"), threads)
     assert threads is None and env["OMP_NUM_THREADS"] == "3" and hardware.THREADS_ENV not in env

@@ -204,8 +204,12 @@ def test_workers_share_the_cores_by_how_many_run(tmp_path, make_model, tokenizer
         second.predict(*distill_args(files, 3), api_name="/distill")  # alongside, to its end
         changes = lambda: [line.split()[2] for line in log.read_text().splitlines()  # noqa: E731
                            if line.startswith("CPU threads:")]
-        # the first worker took half the cores while the second ran, then all of them again
+        # the first worker took its share while the second ran, then every core again
         wait_for(lambda: changes() == [str(two), str(alone)], timeout=120)
+        assert threads.read_text() == str(alone)
+        # a computing thread of the server counts too: importance runs in the server
+        second.predict(files["model"], "builtin", 16, 32, "l2", "mean", True, api_name="/importance")
+        wait_for(lambda: changes() == [str(two), str(alone)] * 2, timeout=120)
         assert threads.read_text() == str(alone)
         assert first.predict(api_name="/cancel").startswith("Stopping")
         assert job.result(timeout=300)[2]["status"] == "cancelled"

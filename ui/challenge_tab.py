@@ -52,7 +52,9 @@ def submit(nickname: str, ref: str | None, state: dict | None, request: gr.Reque
     ref = st.check_ref(ref)
     leaderboard.check_nickname(nickname)  # before a model is loaded for nothing
     progress(0.1, desc="Checking the budgets and scoring on the held-out text…")
-    result = leaderboard.submit(nickname, ref, loaded=st.CACHE.get(ref), session=jobs.session_id(request))
+    loaded = st.CACHE.get(ref)
+    with st.CORES.computing():
+        result = leaderboard.submit(nickname, ref, loaded=loaded, session=jobs.session_id(request))
     state["nickname"] = result["nickname"]
     message = (f"Submitted **{result['model']}** as **{result['nickname']}**: held-out perplexity "
                f"**{result['ppl']:.2f}** ({result['setting']}), rank **{result['rank']}**.")

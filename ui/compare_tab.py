@@ -53,7 +53,8 @@ def compare(original: str, slot1: str, slot2: str, slot3: str, prompt: str, max_
         speeds[i] = f"**{short(ref)}**: {final['new_tokens']} tokens; measuring speed…"
         yield *texts, *speeds, gr.skip(), gr.skip(), *parts
         # The generation's own tokens/s is not comparable across clicks: measure apart.
-        measured = evaluate.speed(loaded.model, prompt_tokens=64, decode_tokens=16)
+        with st.CORES.computing():
+            measured = evaluate.speed(loaded.model, prompt_tokens=64, decode_tokens=16)
         speeds[i] = (f"**{short(ref)}**: {final['new_tokens']} tokens; prefill "
                      f"{measured['prefill_tokens_per_s']:,.0f} tokens/s, decode "
                      f"{measured['decode_tokens_per_s']:.1f} tokens/s")
@@ -68,7 +69,8 @@ def compare(original: str, slot1: str, slot2: str, slot3: str, prompt: str, max_
     greedy = not temperature
     for r in results:
         if with_ppl:  # the workspace's canonical score: cached for models a job already scored
-            score = scoreboard.score(r["model"], st.CACHE.get(r["model"]))
+            with st.CORES.computing():
+                score = scoreboard.score(r["model"], st.CACHE.get(r["model"]))
             r["ppl"], r["ppl_setting"] = score["ppl"], score["setting"]
         parted = r.get("divergence")
         rows.append([short(r["model"]), human(r["params"]), f"{r['params'] / results[0]['params']:.1%}",

@@ -185,7 +185,8 @@ def score_rest(state: dict | None, request: gr.Request, progress=gr.Progress()) 
     todo = [m for m in workspace_models(state, request) if not m["score"]]
     for i, m in enumerate(todo):
         progress(i / len(todo), desc=f"scoring {m['label']}")
-        scoreboard.score(m["ref"], st.CACHE.get(m["ref"]))
+        with st.CORES.computing():
+            scoreboard.score(m["ref"], st.CACHE.get(m["ref"]))
     return f"Scored {len(todo)} model(s); refresh the Pareto view."
 
 

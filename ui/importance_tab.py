@@ -86,8 +86,8 @@ def run(model: str | None, src: str, samples: int, seq_len: int, batch_agg: str,
                                       seq_len=seq_len, batch_agg=batch_agg, seq_agg=seq_agg,
                                       depth_ppl=bool(depth_ppl), extra_metrics=bool(extra_metrics),
                                       validate=",".join(validate or []) or None, out=str(out))
-    jobs.run_to_end(lambda job: importance.run(cfg, job.progress, job.should_stop, loaded=loaded),
-                    sid, "importance", progress, base_model=ref, inputs=vars(cfg), artifact=str(out),
+    work = jobs.computing(lambda job: importance.run(cfg, job.progress, job.should_stop, loaded=loaded))
+    jobs.run_to_end(work, sid, "importance", progress, base_model=ref, inputs=vars(cfg), artifact=str(out),
                     config=cfg)
     scores = importance.Scores.load(out)
     cmd = command_line(cfg)

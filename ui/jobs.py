@@ -12,6 +12,7 @@ Job and turns the stop flag into SIGTERM.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import queue
@@ -26,6 +27,7 @@ import gradio as gr
 
 from compact import runs
 from compact.errors import Cancelled, UserError
+from ui import state as st
 
 _FLAGS: dict[str, dict[int, threading.Event]] = defaultdict(dict)
 _FLAGS_LOCK = threading.Lock()
@@ -73,6 +75,7 @@ class Job:
     def __init__(self, inbox: queue.Queue, flag: threading.Event):
         self._inbox, self._flag = inbox, flag
         self.record: runs.Run | None = None
+        self._computing = False
 
     def progress(self, fraction: float, message: str = "") -> None:
         self._inbox.put(("progress", (max(0.0, min(1.0, float(fraction))), str(message))))
@@ -81,7 +84,30 @@ class Job:
         self._inbox.put(("event", dict(payload)))
 
     def should_stop(self) -> bool:
+        if self._computing:  # a safe point: where the job's thread can take a new share of the cores
+            st.CORES.take()
         return self._flag.is_set()
+
+    @contextlib.contextmanager
+    def computing(self):
+        """The job computes in its own thread inside (rather than relaying a worker process's
+        events): it holds a share of the cores (ui/state.CORES), taken again at each should_stop."""
+        with st.CORES.computing():
+            self._computing = True
+            try:
+                yield
+            finally:
+                self._computing = False
+
+
+def computing(work: Callable[[Job], Any]) -> Callable[[Job], Any]:
+    """work(job), computing in the job's thread (Job.computing)."""
+    @functools.wraps(work)
+    def run(job: Job) -> Any:
+        with job.computing():
+            return work(job)
+
+    return run
 
 
 def session_id(request: gr.Request | None) -> str:

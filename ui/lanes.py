@@ -6,8 +6,8 @@ their events share the `workers` concurrency group (ui/common.LONG), apart from 
 ones (load, generate, importance, prune, compare), which never wait behind a long job. The
 server follows each worker through its event file (compact.events) in the job's thread
 (ui/jobs.run), so the progress bar and the live plots get what an in-process job gave them.
-Workers share the cores by how many run now: each gets cores / running as torch's threads,
-through a file the server rewrites as workers start and end (compact.hardware.CoreShares).
+Workers and the server's computing threads share the cores by how many run now (ui/state.CORES,
+compact.hardware.CoreShares): a worker reads its share from a file the server rewrites.
 Cancel sends SIGTERM: the job stops at its next safe point (a training run saves a checkpoint)
 and ends with its result. The server records the run with the worker's pid; a worker that dies
 is recorded as failed with the reason, the tab shows it as an error, and the server serves on.
@@ -44,7 +44,7 @@ import gradio as gr
 from compact import runs, slices
 from compact.errors import Cancelled, UserError
 from compact.events import ENDS, EVENTS_ENV, PARENT_ENV, RUN_ID_ENV, EventReader, last_end
-from compact.hardware import THREADS_ENV, CoreShares, on_zero_gpu
+from compact.hardware import THREADS_ENV, on_zero_gpu
 from compact.jobs import argv, command_line, command_of, parse_command_line
 from ui import jobs
 from ui import state as st
@@ -52,7 +52,6 @@ from ui import state as st
 ROOT = Path(__file__).resolve().parents[1]
 POLL_S = 0.1  # how often the server looks for new events and for the worker's exit
 RESUMABLE_STATUSES = ("interrupted", "crashed", "cancelled", "failed")
-SHARES = CoreShares()  # the running workers' torch threads: cores / how many run now
 
 
 def enabled() -> bool:
@@ -87,7 +86,8 @@ def run_here(run, cfg, job: jobs.Job, resumable: bool = True, preload=None) -> d
     call; the models load inside (a GPU exists only there), the user's cancel takes effect
     between slices. Elsewhere: one call with the models preload() gives (the cached ones)."""
     if not on_zero_gpu():
-        return run(cfg, on_event=job.event, should_stop=job.should_stop, **(preload() if preload else {}))
+        with job.computing():
+            return run(cfg, on_event=job.event, should_stop=job.should_stop, **(preload() if preload else {}))
     if resumable:
         return slices.run_sliced(functools.partial(_gpu_slice, run), cfg, job.should_stop, job.event)
     result, events = _gpu_call(run, cfg)
@@ -146,14 +146,14 @@ def run_worker(cfg, job: jobs.Job, sid: str) -> dict:
 def _core_share(run_id: int, path: Path):
     """The worker's share of the cores while it runs: yields its threads file (None when the
     server was started with OMP_NUM_THREADS, which every worker then keeps)."""
-    if os.environ.get("OMP_NUM_THREADS"):
+    if st.CORES.fixed:
         yield None
         return
-    SHARES.join(run_id, path)
+    st.CORES.join(run_id, path)
     try:
         yield path
     finally:
-        SHARES.leave(run_id)
+        st.CORES.leave(run_id)
         path.unlink(missing_ok=True)
 
 

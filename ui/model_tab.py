@@ -77,7 +77,7 @@ def stream(loaded: models.Loaded, prompt: str, max_new_tokens: int, temperature:
     def work():
         try:
             torch.manual_seed(seed)
-            with torch.no_grad():
+            with torch.no_grad(), st.CORES.computing():
                 out["ids"] = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
                                             streamer=streamer,
                                             stopping_criteria=StoppingCriteriaList([StopWhenClosed()]),

@@ -143,6 +143,7 @@ def run_prune(base: Shape | None, layers, hidden, ffn, heads, depth_metric: str,
     prune.plan(cfg.ranked(scores), loaded.shape, depth_metric=depth_metric, family=loaded.arch.family,
                **tg)  # fail fast
 
+    @jobs.computing
     def work(job: jobs.Job):
         result = prune.run(cfg, job.progress, job.should_stop, loaded=loaded, scores=scores)
         if job.record is not None:

@@ -16,10 +16,12 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from compact import models, settings
+from compact import hardware, models, settings
 from compact.errors import UserError
 
 SETTINGS = settings.load()
+# The cores, shared by what computes at once: workers and the server's computing threads.
+CORES = hardware.CoreShares(fixed=hardware.omp_threads())
 
 
 def data_root() -> Path:
