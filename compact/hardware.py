@@ -87,14 +87,16 @@ class CoreShares:
 
     @contextmanager
     def computing(self):
-        """The calling thread computes inside: counted, and given its share as it starts."""
-        key = object()
+        """The calling thread computes inside: counted, and given its share as it starts; its
+        own count comes back after (a server thread serves other events next)."""
+        key, before = object(), torch.get_num_threads()
         self.join(key)
         try:
             self.take()
             yield
         finally:
             self.leave(key)
+            torch.set_num_threads(before)
 
     def _write(self) -> int:
         share = self.share()

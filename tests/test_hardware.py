@@ -112,6 +112,7 @@ def test_a_computing_thread_takes_its_share_as_it_starts_and_at_each_take(monkey
     monkeypatch.setattr(hardware, "cores", lambda: 2)
     shares, before, seen = hardware.CoreShares(), torch.get_num_threads(), {}
     try:
+        torch.set_num_threads(3)
         with shares.computing():
             seen["alone"] = torch.get_num_threads()
             shares.join("worker", None)  # something else starts
@@ -121,6 +122,7 @@ def test_a_computing_thread_takes_its_share_as_it_starts_and_at_each_take(monkey
             shares.take()
             seen["alone again"] = torch.get_num_threads()
         assert shares.share() == 2 and seen == {"alone": 2, "beside one": 1, "alone again": 2}
+        assert torch.get_num_threads() == 3  # the thread's own count again
     finally:
         torch.set_num_threads(before)
 
