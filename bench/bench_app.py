@@ -1,17 +1,20 @@
-"""The app's responsiveness on the default model: cold start, importance, the Prune readout.
+"""The app's responsiveness on the default model: cold start, each tab's click, the Prune readout.
 
     .venv/bin/python -m bench.bench_app [--out bench/results/app.json]
 
 cold start: from spawning `python app.py` to the page answering (HTTP 200), then the first
-Load of the default model through gradio_client. importance: the Importance tab with its
-default calibration size (32 samples x 256 tokens, builtin data), end to end through the
-server, twice (the first call also tokenizes the builtin corpus). readout: the Prune tab's size
-table and its keep/drop heatmaps for one target, in-process, per call.
+Load of the default model through gradio_client. The clicks of one visitor, end to end through
+the server, each with the tab's starting values for this device (compact.hardware.APP_SIZES):
+importance twice (the first call also tokenizes the builtin corpus), prune to a fixed target
+with those scores, distill the pruned model from the default one, and the axis-ablation
+experiment. readout: the Prune tab's size table and its keep/drop heatmaps for one target,
+in-process, per call.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import tempfile
 import time
@@ -30,6 +33,32 @@ def serve_timed(tmp: Path):
     with urllib.request.urlopen(url, timeout=10) as r:
         assert r.status == 200
     return ctx, url, time.perf_counter() - start
+
+
+def tab_clicks(client) -> dict:
+    """Prune, Distill and Experiments clicks with the tabs' starting values, after importance
+    (its scores are the session's). Seconds each, keyed by what was asked."""
+    from compact.distill import DistillConfig
+    from compact.options import default
+    from ui.common import SIZES
+
+    d = functools.partial(default, DistillConfig)
+    clicks = {}
+    t = time.perf_counter()
+    pruned, _ = client.predict(24, 384, 1024, 6, "bi", api_name="/prune")
+    clicks["prune to 24 layers, hidden 384, ffn 1024, 6 heads (s)"] = round(time.perf_counter() - t, 2)
+    t = time.perf_counter()
+    client.predict("default", pruned["out"], "builtin", SIZES["train_tokens"], d("seq_len"), d("batch"),
+                   d("lr"), d("temperature"), d("kd_weight"), d("ce_weight"), d("hidden_weight"), False,
+                   api_name="/distill")
+    tokens = SIZES["train_tokens"]
+    clicks[f"distill the pruned model, {tokens:,} tokens (s)"] = round(time.perf_counter() - t, 2)
+    t = time.perf_counter()
+    client.predict("default", "axis-ablation", 0.8, SIZES["experiment_tokens"], 128, 4,
+                   SIZES["experiment_samples"], SIZES["experiment_eval_tokens"], "builtin",
+                   api_name="/experiment")
+    clicks["axis-ablation experiment (s)"] = round(time.perf_counter() - t, 2)
+    return clicks
 
 
 def main() -> None:
@@ -56,6 +85,7 @@ def main() -> None:
                 client.predict(None, "builtin", importance_tab.DEFAULT_SAMPLES,
                                importance_tab.DEFAULT_SEQ_LEN, "l2", "mean", False, api_name="/importance")
                 runs.append(time.perf_counter() - t)
+            clicks = tab_clicks(client)
         finally:
             ctx.__exit__(None, None, None)
 
@@ -76,11 +106,13 @@ def main() -> None:
         prune_tab.heatmaps(state, base, 24, 384, 1024, 6, "bi")
     heatmaps_ms = (time.perf_counter() - t) / 5 * 1e3
 
+    size = f"{importance_tab.DEFAULT_SAMPLES}x{importance_tab.DEFAULT_SEQ_LEN}"
     result["summary"] = {
         "cold start to page (s)": round(page_s, 2),
         "first model load through the app (s)": round(load_s, 2),
-        "importance 32x256, first call (s)": round(runs[0], 2),
-        "importance 32x256, second call (s)": round(runs[1], 2),
+        f"importance {size}, first call (s)": round(runs[0], 2),
+        f"importance {size}, second call (s)": round(runs[1], 2),
+        **clicks,
         "prune readout per change (ms)": round(readout_ms, 3),
         "prune keep/drop heatmaps per change (ms)": round(heatmaps_ms, 1),
     }

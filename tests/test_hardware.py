@@ -76,8 +76,12 @@ def test_app_sizes_are_small_on_a_cpu_and_the_command_lines_on_a_gpu():
     assert set(cpu) == set(gpu) and all(cpu[k] <= gpu[k] for k in cpu)
     # the CPU sizes: each default click answers in about a minute
     assert (cpu["importance_samples"], cpu["importance_seq_len"], cpu["train_tokens"]) == (8, 128, 4096)
+    assert cpu["train_tokens"] // (cpu["train_seq_len"] * cpu["train_batch"]) == 8  # steps on the loss curve
     # on a GPU the app starts where the command line does
     assert gpu["train_tokens"] == default(train.TrainingOptions, "tokens")
+    assert gpu["train_seq_len"] == default(train.TrainingOptions, "seq_len")
+    assert gpu["train_batch"] == default(train.TrainingOptions, "batch")
+    assert gpu["train_batch"] == default(sparsify.SparsifyConfig, "batch")
     assert gpu["importance_seq_len"] == default(importance.ImportanceConfig, "seq_len")
     assert gpu["sparsify_samples"] == default(sparsify.SparsifyConfig, "samples")
     assert gpu["experiment_tokens"] == default(experiments.ExperimentConfig, "tokens")

@@ -141,8 +141,8 @@ def build(ctx: Ctx) -> None:
             src = gr.Dropdown(DATA_CHOICES, value="builtin", allow_custom_value=True, label="Data")
         with gr.Row():
             tokens = gr.Number(value=SIZES["train_tokens"], precision=0, minimum=1, label="Training tokens")
-            seq_len = gr.Number(value=d("seq_len"), precision=0, minimum=2, label="Sequence length")
-            batch = gr.Number(value=d("batch"), precision=0, minimum=1, label="Batch")
+            seq_len = gr.Number(value=SIZES["train_seq_len"], precision=0, minimum=2, label="Sequence length")
+            batch = gr.Number(value=SIZES["train_batch"], precision=0, minimum=1, label="Batch")
             lr = gr.Number(value=d("lr"), label="Learning rate")
         with gr.Row():
             temperature = gr.Number(value=d("temperature"), label="Temperature")

@@ -172,8 +172,7 @@ def build(ctx: Ctx) -> None:
             with gr.Row():
                 tokens = gr.Number(value=SIZES["train_tokens"], precision=0, minimum=1,
                                    label="Training tokens")
-                batch = gr.Number(value=default(SparsifyConfig, "batch"), precision=0, minimum=1,
-                                  label="Batch")
+                batch = gr.Number(value=SIZES["train_batch"], precision=0, minimum=1, label="Batch")
                 lr = gr.Number(value=default(SparsifyConfig, "lr"), label="Learning rate")
                 mask_interval = gr.Number(value=default(SparsifyConfig, "mask_interval"), precision=0,
                                           minimum=1, label="Mask update interval (steps)")
