@@ -160,7 +160,7 @@ def _following_thread_share(should_stop):
     def ask() -> bool:
         share = take_thread_share(path)
         if share:
-            print(f"CPU threads: {share} (the app's running workers share the cores)", file=sys.stderr,
+            print(f"CPU threads: {share} (shared with what else the app computes now)", file=sys.stderr,
                   flush=True)
         return should_stop()
 
