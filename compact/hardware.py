@@ -60,24 +60,24 @@ class CoreShares:
 
     def __init__(self, fixed: int | None = None):
         self._lock = threading.Lock()
-        self._files: dict[object, Path | None] = {}  # None: a thread of this process
+        self._running: dict[object, Path | None] = {}  # key -> threads file; None: a thread of this process
         self.fixed = fixed
 
     def join(self, key, path: str | os.PathLike | None = None) -> int:
         """A worker (path: its threads file) or a thread of this process (None) starts
         computing: every worker's file is rewritten. Returns the new share."""
         with self._lock:
-            self._files[key] = None if path is None else Path(path)
+            self._running[key] = None if path is None else Path(path)
             return self._write()
 
     def leave(self, key) -> None:
         with self._lock:
-            if key in self._files:
-                del self._files[key]
+            if key in self._running:
+                del self._running[key]
                 self._write()
 
     def share(self) -> int:
-        return self.fixed or cpu_threads(len(self._files))
+        return self.fixed or cpu_threads(len(self._running))
 
     def take(self) -> None:
         """The calling thread's torch threads become the share now."""
@@ -100,7 +100,7 @@ class CoreShares:
 
     def _write(self) -> int:
         share = self.share()
-        for path in self._files.values():
+        for path in self._running.values():
             if path is not None:
                 part = path.with_name(path.name + ".part")
                 part.write_text(str(share))
