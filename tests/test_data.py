@@ -29,6 +29,36 @@ def test_builtin_is_large_and_splits_never_overlap(tokenizer):
     assert torch.equal(torch.cat(regions), stream)
 
 
+def test_builtin_corpus_is_parsed_once_then_read_from_disk(monkeypatch, tmp_path):
+    monkeypatch.setenv("COMPACT_HOME", str(tmp_path))
+    data._stdlib_docstrings.cache_clear()
+    try:
+        parsed = data._stdlib_docstrings()
+        [path] = (tmp_path / "builtin").glob("docstrings-*.json")
+        assert tuple(json.loads(path.read_text())) == parsed and len(parsed) > 1000
+        assert not list(path.parent.glob("*.part"))
+        # A later process reads the file instead of parsing the library again...
+        path.write_text(json.dumps(["a docstring from the file"]))
+        data._stdlib_docstrings.cache_clear()
+        assert data._stdlib_docstrings() == ("a docstring from the file",)
+        # ...and a damaged file is parsed again and replaced.
+        path.write_text("[")
+        data._stdlib_docstrings.cache_clear()
+        assert data._stdlib_docstrings() == parsed
+        assert tuple(json.loads(path.read_text())) == parsed
+    finally:
+        data._stdlib_docstrings.cache_clear()
+
+
+def test_encoding_all_documents_at_once_equals_one_by_one(tokenizer):
+    docs = data.builtin_texts()[:50] + ["", "a short one"]
+    ids = []
+    for doc in docs:
+        ids += tokenizer(doc, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    assert data._encode(docs, tokenizer).tolist() == ids
+    assert data._encode([], tokenizer).tolist() == []
+
+
 def test_blocks_deterministic_and_split_bound(tokenizer, tmp_path):
     text = " ".join(f"word{i} is number {i}." for i in range(3000))
     path = tmp_path / "c.txt"

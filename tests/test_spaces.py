@@ -3,8 +3,11 @@ only where set, and the README's Space front matter agrees with the Dockerfile."
 
 from __future__ import annotations
 
+import time
 import urllib.request
+from pathlib import Path
 
+import psutil  # accelerate's dependency
 import pytest
 
 from compact import settings
@@ -70,3 +73,28 @@ def test_the_app_answers_on_gradios_port(tmp_path):
         assert url.startswith("http://127.0.0.1:") and not url.endswith(":7860/")
         with urllib.request.urlopen(url + "config", timeout=10) as r:
             assert r.status == 200
+
+
+def _context_switches(pid: int) -> int:
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for line in (task / "status").read_text().splitlines():
+            if line.startswith(("voluntary_ctxt_switches", "nonvoluntary_ctxt_switches")):
+                total += int(line.split()[1])
+    return total
+
+
+@pytest.mark.app
+def test_an_idle_server_wakes_rarely(tmp_path):
+    """Gradio's free queue looks for work every millisecond: about 850 wake-ups a second, which
+    take the cores from the workers beside it. ui.app.calm_queue brings that to about 60."""
+    from ui.server import serve
+
+    with serve(tmp_path):
+        server = max((p for p in psutil.Process().children() if "app.py" in p.cmdline()),
+                     key=lambda p: p.create_time())
+        time.sleep(2)  # past the first page's requests
+        before = _context_switches(server.pid)
+        time.sleep(5)
+        per_s = (_context_switches(server.pid) - before) / 5
+    assert per_s < 250, per_s

@@ -44,7 +44,7 @@ import gradio as gr
 from compact import runs, slices
 from compact.errors import Cancelled, UserError
 from compact.events import ENDS, EVENTS_ENV, PARENT_ENV, RUN_ID_ENV, EventReader, last_end
-from compact.hardware import THREADS_ENV, on_zero_gpu
+from compact.hardware import KEEP_FREED_MEMORY, THREADS_ENV, on_zero_gpu
 from compact.jobs import argv, command_line, command_of, parse_command_line
 from ui import jobs
 from ui import state as st
@@ -159,9 +159,10 @@ def _core_share(run_id: int, path: Path):
 
 def worker_env(sid: str, run_id: int, events: Path, threads: Path | None = None) -> dict[str, str]:
     """The server's environment, plus where the worker writes its events, and its threads file
-    (compact.hardware.CoreShares): it starts with the share written there and follows it."""
-    env = {**os.environ, EVENTS_ENV: str(events), RUN_ID_ENV: str(run_id),
-           PARENT_ENV: str(os.getpid()), runs.SESSION_ENV: sid,
+    (compact.hardware.CoreShares): it starts with the share written there and follows it. Its
+    allocator keeps freed memory (compact.hardware.KEEP_FREED_MEMORY) unless GLIBC_TUNABLES is set."""
+    env = {"GLIBC_TUNABLES": KEEP_FREED_MEMORY, **os.environ, EVENTS_ENV: str(events),
+           RUN_ID_ENV: str(run_id), PARENT_ENV: str(os.getpid()), runs.SESSION_ENV: sid,
            "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
     if threads is not None:
         env.update({"OMP_NUM_THREADS": threads.read_text(), THREADS_ENV: str(threads)})
