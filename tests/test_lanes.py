@@ -200,7 +200,14 @@ def test_workers_share_the_cores_by_how_many_run(tmp_path, make_model, tokenizer
         row = running_worker(files["db"])
         log = wait_for(lambda: next((tmp_path / "data").glob(f"*/job-{row['id']}.log"), None))
         threads = log.with_suffix(".threads")
-        assert f"OMP_NUM_THREADS={alone}" in Path(f"/proc/{row['pid']}/environ").read_text().split("\0")
+        environ = Path(f"/proc/{row['pid']}/environ").read_text().split("\0")
+        assert f"OMP_NUM_THREADS={alone}" in environ
+        # Niced in the server's session (autogroups weigh nice only within one), in a process
+        # group of its own (the terminal's Ctrl-C goes to the server's group only).
+        server = int(next(v.split("=", 1)[1] for v in environ if v.startswith("COMPACT_PARENT_PID=")))
+        assert os.getsid(row["pid"]) == os.getsid(server)
+        assert os.getpgid(row["pid"]) == row["pid"] != os.getpgid(server)
+        assert os.getpriority(os.PRIO_PROCESS, row["pid"]) > os.getpriority(os.PRIO_PROCESS, server)
         second.predict(*distill_args(files, 3), api_name="/distill")  # alongside, to its end
         changes = lambda: [line.split()[2] for line in log.read_text().splitlines()  # noqa: E731
                            if line.startswith("CPU threads:")]
