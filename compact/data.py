@@ -66,21 +66,26 @@ def builtin_heldout_texts() -> list[str]:
 @lru_cache(maxsize=1)
 def _stdlib_docstrings() -> tuple[str, ...]:
     """Every standard-library docstring of HELDOUT_MIN_CHARS or more, in file order (one parse
-    of the library serves the corpus and its held-out text). Parsing the library takes about 6 s
-    on 2 cores, paid by every worker process and command: the result is kept on disk, per
-    Python build and library folder (the same install parses to the same text)."""
+    of the library serves the corpus and its held-out text). Parsing the library took about 6 s
+    here, paid by every worker process and command: the result is kept on disk, per Python
+    build and library folder (the same install parses to the same text)."""
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     key = hashlib.sha1(f"{sys.version}|{stdlib}|{DOC_MIN_CHARS}|{HELDOUT_MIN_CHARS}|{sorted(SKIP_DIRS)}"
                        .encode()).hexdigest()[:16]
-    path = cache_dir("builtin") / f"docstrings-{key}.json"
+    path = None
     try:
+        path = cache_dir("builtin") / f"docstrings-{key}.json"
         return tuple(json.loads(path.read_text(encoding="utf-8")))
     except (OSError, ValueError):
         pass
     docs = _parse_docstrings(stdlib)
-    part = path.with_name(f"{path.name}.{os.getpid()}.part")  # whole or absent, with workers racing
-    part.write_text(json.dumps(docs), encoding="utf-8")
-    part.replace(path)
+    if path is not None:
+        part = path.with_name(f"{path.name}.{os.getpid()}.part")  # whole or absent, with workers racing
+        try:
+            part.write_text(json.dumps(docs), encoding="utf-8")
+            part.replace(path)
+        except OSError:  # a cache that cannot be written costs time, nothing else
+            pass
     return tuple(docs)
 
 

@@ -46,6 +46,11 @@ def test_builtin_corpus_is_parsed_once_then_read_from_disk(monkeypatch, tmp_path
         data._stdlib_docstrings.cache_clear()
         assert data._stdlib_docstrings() == parsed
         assert tuple(json.loads(path.read_text())) == parsed
+        # A home where nothing can be written costs a parse, not the corpus.
+        (tmp_path / "a-file").write_text("")
+        monkeypatch.setenv("COMPACT_HOME", str(tmp_path / "a-file" / "home"))
+        data._stdlib_docstrings.cache_clear()
+        assert data._stdlib_docstrings() == parsed
     finally:
         data._stdlib_docstrings.cache_clear()
 
