@@ -85,11 +85,9 @@ PROGRESS_POLL_S = 0.1  # how often it looks for progress to send (Gradio: 10 ms)
 def calm_queue(app: gr.Blocks) -> None:
     """Slow the polling of Gradio's queue when it is free. At its own 1 ms and 10 ms an idle
     server woke about 860 times a second and took 7% of a core; on a 2-core machine each wake-up
-    stalls a worker's OpenMP threads at their next barrier (a distillation beside it: 86 tokens/s,
-    95-103 with this; the rest was page faults, compact.hardware.KEEP_FREED_MEMORY). 50 ms more
-    before an event starts is far below a click's latency (Gradio itself waits 50 ms on
-    Windows); progress still reaches the page ten times a second. Gradio has no public setting
-    for either."""
+    can stall a worker's OpenMP threads at their next barrier. 50 ms more before an event starts
+    is far below a click's latency (Gradio itself waits 50 ms on Windows); progress still
+    reaches the page ten times a second. Gradio has no public setting for either."""
     queue = getattr(app, "_queue", None)  # tests/test_spaces.py fails if Gradio renames these
     if queue is None:
         return
