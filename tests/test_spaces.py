@@ -86,7 +86,7 @@ def _context_switches(pid: int) -> int:
 
 @pytest.mark.app
 def test_an_idle_server_wakes_rarely(tmp_path):
-    """Gradio's free queue looks for work every millisecond: about 850 wake-ups a second, which
+    """Gradio's free queue looks for work every millisecond: about 860 wake-ups a second, which
     take the cores from the workers beside it. ui.app.calm_queue brings that to about 60."""
     from ui.server import serve
 
