@@ -6,9 +6,10 @@ cold start: from spawning `python app.py` to the page answering (HTTP 200), then
 Load of the default model through gradio_client. The clicks of one visitor, end to end through
 the server, each with the tab's starting values for this device (compact.hardware.APP_SIZES):
 importance twice (the first call also tokenizes the builtin corpus), prune to a fixed target
-with those scores, distill the pruned model from the default one, and the axis-ablation
-experiment. readout: the Prune tab's size table and its keep/drop heatmaps for one target,
-in-process, per call.
+with those scores, distill the pruned model from the default one, the axis-ablation
+experiment, each Sparsify method on the default model (one-shot magnitude, Wanda and
+SparseGPT, and AST), and Compare of the default, pruned and distilled models. readout: the
+Prune tab's size table and its keep/drop heatmaps for one target, in-process, per call.
 """
 
 from __future__ import annotations
@@ -36,21 +37,25 @@ def serve_timed(tmp: Path):
 
 
 def tab_clicks(client) -> dict:
-    """Prune, Distill and Experiments clicks with the tabs' starting values, after importance
-    (its scores are the session's). Seconds each, keyed by what was asked."""
+    """Prune, Distill, Experiments, Sparsify and Compare clicks with the tabs' starting values,
+    after importance (its scores are the session's). Seconds each, keyed by what was asked."""
     from compact.distill import DistillConfig
     from compact.options import default
+    from compact.sparsify import SparsifyConfig
     from ui.common import SIZES
+    from ui.sparsify_tab import APP_SAMPLES
 
     d = functools.partial(default, DistillConfig)
+    s = functools.partial(default, SparsifyConfig)
     clicks = {}
     t = time.perf_counter()
     pruned, _ = client.predict(24, 384, 1024, 6, "bi", api_name="/prune")
     clicks["prune to 24 layers, hidden 384, ffn 1024, 6 heads (s)"] = round(time.perf_counter() - t, 2)
     tokens, seq_len, batch = SIZES["train_tokens"], SIZES["train_seq_len"], SIZES["train_batch"]
     t = time.perf_counter()
-    client.predict("default", pruned["out"], "builtin", tokens, seq_len, batch, d("lr"), d("temperature"),
-                   d("kd_weight"), d("ce_weight"), d("hidden_weight"), False, api_name="/distill")
+    *_, distilled = client.predict("default", pruned["out"], "builtin", tokens, seq_len, batch, d("lr"),
+                                   d("temperature"), d("kd_weight"), d("ce_weight"), d("hidden_weight"),
+                                   False, api_name="/distill")
     clicks[f"distill the pruned model, {tokens:,} tokens in {batch} x {seq_len} (s)"] = \
         round(time.perf_counter() - t, 2)
     t = time.perf_counter()
@@ -58,6 +63,19 @@ def tab_clicks(client) -> dict:
                    SIZES["experiment_samples"], SIZES["experiment_eval_tokens"], "builtin",
                    api_name="/experiment")
     clicks["axis-ablation experiment (s)"] = round(time.perf_counter() - t, 2)
+    for method in ("magnitude", "wanda", "sparsegpt", "ast"):
+        t = time.perf_counter()
+        client.predict("default", method, s("pattern"), "builtin", APP_SAMPLES, s("seq_len"), tokens,
+                       batch, s("lr"), s("slorb_k"), s("mask_interval"), s("mask_margin"), False,
+                       api_name="/sparsify")
+        size = (f"{tokens:,} tokens" if method == "ast"
+                else "no data" if method == "magnitude" else f"{APP_SAMPLES}x{s('seq_len')}")
+        clicks[f"sparsify {method}, {size} (s)"] = round(time.perf_counter() - t, 2)
+    t = time.perf_counter()
+    client.predict("default", pruned["out"], distilled["out"], None, "The capital of France is", 48, 0, 1.0,
+                   0, False, True, api_name="/compare")
+    clicks["compare default, pruned and distilled, 48 tokens with perplexity (s)"] = \
+        round(time.perf_counter() - t, 2)
     return clicks
 
 
