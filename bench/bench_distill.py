@@ -1,11 +1,15 @@
 """Cost of a distillation step against a plain cross-entropy step, and the fast paths on CUDA.
 
     .venv/bin/python -m bench.bench_distill [--model REF] [--device cpu|cuda] [--batch B] [--seq-len L]
-                                            [--keep-layers N] [--steps N] [--fast|--no-fast] [--out FILE]
+                                            [--student depth|width] [--keep-layers N] [--steps N]
+                                            [--fast|--no-fast] [--out FILE]
 
-Teacher: the default model (SmolLM2-135M). Student: the same model with only its first
---keep-layers layers (18 of 30: about 92M parameters, the issue's "~90M"), built by depth
-pruning (compact.prune, no scores needed). Each mode is one full training step on the same
+Teacher: the default model (SmolLM2-135M). Student (--student): `depth`, the same model with only
+its first --keep-layers layers (18 of 30: about 92M parameters, the issue's "~90M"), built by
+depth pruning (compact.prune, no scores needed); or `width`, every layer kept and hidden, FFN
+and heads narrowed (the search's closest shape to the depth student's size, within 3%, pruned
+with activation scores from 4 calibration blocks): the Minitron student, more layers and so
+more, smaller kernels per token. Each mode is one full training step on the same
 batch: forward, backward, AdamW step; fp32 master weights, autocast on CUDA in the
 hardware's dtype (compact.hardware: bf16 on sm80+, fp16 before).
   plain:      the student's own forward with labels (transformers' loss on full logits)
@@ -27,6 +31,10 @@ compilation included.
 Peak memory: on CUDA max_memory_allocated per mode, in this process; on CPU each mode runs in
 its own process and reports its peak resident set (ru_maxrss) less the resident set before the
 first step. Defaults: CUDA batch 24 x 1024 tokens (the issue's set-up); CPU batch 2 x 256.
+Model FLOPs utilisation (`mfu`, where the GPU's peak is in bench.common.PEAK_TFLOPS): the
+teacher's forward plus the student's forward and backward (3x), 2 FLOPs per multiply-add of
+every weight matrix, the tied LM head included, and of attention at the full sequence length
+(compact.shapes.flops_per_token, PaLM's convention), over the GPU's dense bf16/fp16 peak.
 """
 
 from __future__ import annotations
@@ -43,8 +51,8 @@ from pathlib import Path
 
 import torch
 
-from bench.common import device_name, sync, write_json
-from compact import data, distill, liger, models, prune
+from bench.common import device_name, peak_tflops, sync, write_json
+from compact import data, distill, importance, liger, models, prune, search, shapes
 
 MODES = ("plain", "ce_chunked", "distill")
 FAST = ("distill_liger", "distill_compile_layers", "distill_liger_compile_layers", "distill_compile_model")
@@ -60,9 +68,7 @@ def rss_bytes() -> int:
 def setup(args):
     device = models.pick_device(args.device)
     teacher = models.load(args.model, device=str(device))  # in the hardware's dtype (compact.hardware)
-    layers = teacher.shape.layers
-    args.keep_layers = args.keep_layers or max(1, round(layers * 0.6))  # 18 of SmolLM2's 30
-    student_model = prune.trim(teacher.model, None, drop_layers=list(range(args.keep_layers, layers)))
+    student_model = make_student(args, teacher)
     student_model.to(device=device, dtype=torch.float32).train()
     cfg = distill.DistillConfig(teacher=args.model, student=f"{args.model}[:{args.keep_layers}]", out="-",
                                 seq_len=args.seq_len, batch=args.batch, chunk=args.chunk)
@@ -120,8 +126,32 @@ def setup(args):
             if use_liger or "liger" not in mode:
                 fns[mode] = distill_with("liger" if "liger" in mode else "compact", compile_mode(mode))
     steps = {m: step(fn) for m, fn in fns.items()}
-    params = sum(p.numel() for p in student_model.parameters())
-    return device, teacher, steps, params, layers_on
+    student_shape = teacher.arch.shape(student_model.config)
+    return device, teacher, steps, student_shape, layers_on
+
+
+def make_student(args, teacher):
+    """The --student model from the teacher (sets args.keep_layers and args.student_shape)."""
+    layers = teacher.shape.layers
+    args.keep_layers = args.keep_layers or max(1, round(layers * 0.6))  # 18 of SmolLM2's 30
+    depth = teacher.shape.with_targets(layers=args.keep_layers)
+    if args.student == "depth":
+        args.student_shape = {"layers": args.keep_layers}
+        return prune.trim(teacher.model, None, drop_layers=list(range(args.keep_layers, layers)))
+    width = search.candidates(teacher.shape, depth.params, 0.03, layers=[layers], min_fraction=0.4)
+    if not width:
+        raise SystemExit(f"bench_distill: no width-only shape within 3% of {depth.params:,} parameters")
+    s = width[0]
+    args.student_shape = {"layers": s.layers, "hidden": s.hidden, "ffn": s.ffn, "heads": s.heads}
+    blocks = data.blocks("builtin", teacher.tokenizer, "calibration", 4, 128).to(teacher.model.device)
+    scores = importance.estimate(teacher.model, blocks, batch_size=4)  # speed only: few blocks do
+    return prune.trim(teacher.model, scores, **args.student_shape)
+
+
+def train_flops_per_token(teacher_shape, student_shape, seq_len: int) -> int:
+    """Teacher forward + student forward and backward (twice the forward) per training token."""
+    return (shapes.flops_per_token(teacher_shape, seq_len)
+            + 3 * shapes.flops_per_token(student_shape, seq_len))
 
 
 def compile_mode(mode: str) -> str:
@@ -160,7 +190,7 @@ def memory_child(args) -> None:
     print(json.dumps({"peak_bytes": peak - base}))
 
 
-def summarize(args, device, teacher, params, tokens, modes, times, warm_up, peaks, errors) -> dict:
+def summarize(args, device, teacher, student_shape, tokens, modes, times, warm_up, peaks, errors) -> dict:
     """The result file from the modes measured so far (those not yet measured are named, and
     the error of those that failed)."""
     done = [m for m in modes if times.get(m)]
@@ -172,25 +202,37 @@ def summarize(args, device, teacher, params, tokens, modes, times, warm_up, peak
     def mb(m):
         return peaks[m] / 2**20 if m in peaks else None
 
+    flops = train_flops_per_token(teacher.shape, student_shape, args.seq_len)
+    peak = peak_tflops(device)
+
+    def utilisation(m):
+        achieved = speed[m] * flops / 1e12
+        return {"model_tflops_per_s": achieved, "mfu": achieved / peak if peak else None}
+
     return {
         "device": device_name(device),
         "torch": torch.__version__,
         "teacher": "SmolLM2-135M-Instruct (default)" if args.model == "default" else args.model,
         "teacher_params": sum(p.numel() for p in teacher.model.parameters()),
-        "student_params": params,
-        "student_layers": args.keep_layers,
+        "student": args.student,
+        "student_shape": args.student_shape,
+        "student_params": student_shape.params,
+        "train_flops_per_token": flops,
+        "peak_tflops": peak,
         "batch": args.batch, "seq_len": args.seq_len, "chunk": args.chunk, "rounds": args.steps,
         "precision": (f"{str(models.pick_dtype(device)).removeprefix('torch.')} autocast, fp32 master "
                       "weights") if device.type == "cuda" else "fp32",
         "liger": liger.problem(device) or "installed",
         "modes": {m: {"step_s_median": statistics.median(times[m]), "tokens_per_s": speed[m],
-                      "warm_up_s": warm_up[m], "peak_memory_mb": mb(m)} for m in done},
+                      "warm_up_s": warm_up[m], "peak_memory_mb": mb(m), **utilisation(m)}
+                  for m in done},
         "not_measured": [m for m in modes if m not in done],
         "errors": errors,
         "summary": {
             "distill_tokens_per_s": speed["distill"],
             "fastest_distill_mode": best,
             "fastest_distill_tokens_per_s": speed[best],
+            "fastest_distill_mfu": utilisation(best)["mfu"],
             "goal_tokens_per_s": GOAL_TOKENS_PER_S,
             "goal_met": speed[best] >= GOAL_TOKENS_PER_S,
             "plain_ce_tokens_per_s": speed["plain"],
@@ -209,7 +251,11 @@ def main() -> int:
     parser.add_argument("--seq-len", type=int, default=None)
     parser.add_argument("--model", default="default", help="the teacher (REF; a local folder where "
                         "the default GGUF cannot be read)")
-    parser.add_argument("--keep-layers", type=int, default=None, help="student layers (default 60%%)")
+    parser.add_argument("--student", choices=("depth", "width"), default="depth",
+                        help="depth: the first --keep-layers layers; width: every layer, narrower, "
+                             "of about the same size")
+    parser.add_argument("--keep-layers", type=int, default=None,
+                        help="the depth student's layers, and so both students' size (default 60%%)")
     parser.add_argument("--chunk", type=int, default=distill.DistillConfig.chunk)
     parser.add_argument("--steps", type=int, default=None, help="timed rounds (each mode once)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "distill.json"))
@@ -226,7 +272,7 @@ def main() -> int:
         memory_child(args)
         return 0
 
-    device, teacher, steps, params, layers_on = setup(args)
+    device, teacher, steps, student_shape, layers_on = setup(args)
     tokens = args.batch * args.seq_len
     modes = list(steps)
     times, warm_up, peaks, errors = {}, {}, {}, {}
@@ -256,19 +302,20 @@ def main() -> int:
         finally:
             if plain_again:
                 plain_again()
-        write_json(args.out, summarize(args, device, teacher, params, tokens, modes, times, warm_up, peaks,
-                                       errors))
+        write_json(args.out, summarize(args, device, teacher, student_shape, tokens, modes, times, warm_up,
+                                       peaks, errors))
     del steps
     for m in [m for m in modes if m in times] if device.type != "cuda" else ():  # CPU: separate processes
         cmd = [sys.executable, "-m", "bench.bench_distill", "--mode", m, "--model", args.model,
                "--batch", str(args.batch),
                "--seq-len", str(args.seq_len), "--keep-layers", str(args.keep_layers),
+               "--student", args.student,
                "--chunk", str(args.chunk), "--fast" if args.fast else "--no-fast"]
         if args.device:
             cmd += ["--device", args.device]
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True)
         peaks[m] = json.loads(proc.stdout.strip().splitlines()[-1])["peak_bytes"]
-    result = summarize(args, device, teacher, params, tokens, modes, times, warm_up, peaks, errors)
+    result = summarize(args, device, teacher, student_shape, tokens, modes, times, warm_up, peaks, errors)
     write_json(args.out, result)
     print(json.dumps(result["summary"], indent=2))
     return 1 if errors else 0

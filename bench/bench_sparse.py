@@ -8,14 +8,22 @@ torch._cslt_sparse_mm_search picks, at decode (1 token) and prefill token counts
 default model (576 wide) and of an 8B model (4096 wide).
 model: the default model pruned 2:4 by magnitude, prefill at several batch sizes and greedy
 decode, dense weights against converted ones (compact.sparsity.to_semi_structured).
+training: AST's training step against a dense distillation step of the same model, as
+compact's loop takes them (teacher forward, the student's forward and backward with AST's loss
+mix, optimizer step; fp32 master weights, autocast on CUDA): dense (AdamW), AST (the masked
+forward with its straight-through backward, AstAdamW with the decay of pruned weights at its
+full strength) and AST + SLoRB (k = 16), alternating step by step; and the mask update AST runs
+every --mask-interval steps, timed apart and spread over that interval in `ast_amortized`.
 The 2:4 kernels need CUDA; on a CPU the script records that and still measures the dense
-baselines, so the JSON always says what ran where. Speedups above 1 mean 2:4 is faster.
+baselines, so the JSON always says what ran where. Speedups above 1 mean 2:4 is faster. The file
+is written before the training part too, so a run stopped there keeps the rest.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import os
 import statistics
@@ -27,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.common import device_name, sync, write_json
-from compact import hardware, models, sparsity
+from compact import data, distill, hardware, models, sparse_training, sparsity, train
 
 SMALL = [(576, 576), (192, 576), (1536, 576), (576, 1536)]   # default model: q/o, k/v, up/gate, down
 LARGE = [(4096, 4096), (14336, 4096), (4096, 14336)]          # an 8B model
@@ -144,6 +152,59 @@ def bench_model(ref, device, dtype, batches, seq_len, new_tokens, repeats, spars
     return out
 
 
+def bench_training(ref, device, batch: int, seq_len: int, repeats: int) -> dict:
+    """Milliseconds per training step, dense against AST (see the module's docstring)."""
+    teacher = models.load(ref, device=str(device))  # in the hardware's dtype, as distill loads it
+    teacher.model.eval()
+    ids = data.blocks("builtin", teacher.tokenizer, "train", batch, seq_len).to(device)
+    autocast = torch.autocast(device.type, dtype=models.pick_dtype(device), enabled=device.type == "cuda")
+    ast_cfg = sparse_training.AstConfig(model=ref, out="-", seq_len=seq_len, batch=batch)
+    cfg = sparse_training.distill_config(ast_cfg)
+    hooks = {}
+
+    def make(kind: str):
+        student = copy.deepcopy(teacher.model).to(torch.float32).train()
+        ast = None
+        if kind != "dense":
+            ast = sparse_training.AstHooks(dataclasses.replace(ast_cfg, slorb_k=16 if "slorb" in kind else 0))
+            ast.prepare(student)
+            hooks[kind] = (ast, student)
+        module = distill.DistillModule(student, teacher.arch, cfg, teacher.shape)
+        params = [p for p in module.parameters() if p.requires_grad]
+        optimizer = ast.make_optimizer(params, cfg) if ast else train.make_optimizer(params, cfg, device)
+
+        def step():
+            t_out = distill.teacher_forward(teacher.model, teacher.arch, ids)
+            with autocast:
+                loss = module(ids, t_out)["loss"]
+            loss.backward()
+            if ast:
+                ast.after_backward(ast.t0, student, optimizer)  # the decay at its full strength
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        return step
+
+    steps = {kind: make(kind) for kind in ("dense", "ast", "ast_slorb")}
+    for fn in steps.values():  # allocator, kernels, optimizer state
+        timed(fn, device, 1, warmup=1)
+    rounds = {kind: [] for kind in steps}
+    for _ in range(repeats):  # alternating, so that load from elsewhere hits the modes alike
+        for kind, fn in steps.items():
+            rounds[kind].append(timed(fn, device, 1, warmup=0))
+    ast, student = hooks["ast"]
+    update_ms = timed(lambda: ast.before_step(ast_cfg.mask_interval, student, None), device, repeats,
+                      warmup=1)
+    ms = {kind: statistics.median(times) for kind, times in rounds.items()}
+    return {
+        "model": ref, "batch": batch, "seq_len": seq_len, "rounds": repeats,
+        "loss": f"{cfg.kd_weight} KL at T={cfg.temperature} + {cfg.ce_weight} CE",
+        "step_ms": ms, "mask_update_ms": update_ms, "mask_interval": ast_cfg.mask_interval,
+        "ast_over_dense": ms["ast"] / ms["dense"],
+        "ast_slorb_over_dense": ms["ast_slorb"] / ms["dense"],
+        "ast_amortized_over_dense": (ms["ast"] + update_ms / ast_cfg.mask_interval) / ms["dense"],
+    }
+
+
 def summarize(result: dict) -> dict:
     s = {"2:4 kernels available": result["sparse_kernels"]["available"]}
     layers = [r for r in result["layers"] if "speedup" in r]
@@ -162,6 +223,12 @@ def summarize(result: dict) -> dict:
     if "sparse_speedup" in m["decode"]:
         s["decode 2:4 speedup"] = max(m["decode"]["sparse_speedup"],
                                       m["decode"].get("sparse_search_speedup", 0))
+    t = result.get("training")
+    if t:
+        s["training step dense ms"] = t["step_ms"]["dense"]
+        s["AST step over dense"] = t["ast_over_dense"]
+        s["AST+SLoRB step over dense"] = t["ast_slorb_over_dense"]
+        s["AST with mask updates over dense"] = t["ast_amortized_over_dense"]
     return s
 
 
@@ -205,10 +272,17 @@ def main() -> int:
                              args.search_tokens),
     }
     result["verdict"] = verdict(result)
-    result["summary"] = summarize(result)
-    result["seconds"] = time.time() - started
-    result["load_average"] = {"start": load_before, "end": os.getloadavg()[0], "cpus": os.cpu_count()}
-    write_json(args.out, result)
+
+    def save():
+        result["summary"] = summarize(result)
+        result["seconds"] = time.time() - started
+        result["load_average"] = {"start": load_before, "end": os.getloadavg()[0], "cpus": os.cpu_count()}
+        write_json(args.out, result)
+
+    save()
+    batch, train_len = (8, 1024) if cuda else (1, 128)
+    result["training"] = bench_training(args.model, device, batch, train_len, repeats)
+    save()
     print(json.dumps(result["summary"]))
     return 0
 
