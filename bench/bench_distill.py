@@ -70,7 +70,7 @@ def setup(args):
     teacher = models.load(args.model, device=str(device))  # in the hardware's dtype (compact.hardware)
     student_model = make_student(args, teacher)
     student_model.to(device=device, dtype=torch.float32).train()
-    cfg = distill.DistillConfig(teacher=args.model, student=f"{args.model}[:{args.keep_layers}]", out="-",
+    cfg = distill.DistillConfig(teacher=args.model, student=f"{args.model} ({args.student} student)", out="-",
                                 seq_len=args.seq_len, batch=args.batch, chunk=args.chunk)
     module = distill.DistillModule(student_model, teacher.arch, cfg, teacher.shape)
     optimizer = torch.optim.AdamW(module.parameters(), lr=1e-5, fused=device.type == "cuda")

@@ -281,10 +281,14 @@ def main() -> int:
 
     save()
     batch, train_len = (8, 1024) if cuda else (1, 128)
-    result["training"] = bench_training(args.model, device, batch, train_len, repeats)
+    try:
+        result["training"] = bench_training(args.model, device, batch, train_len, repeats)
+    except Exception as e:  # noqa: BLE001  (recorded in the file, and the exit status says so)
+        result["training_error"] = f"{type(e).__name__}: {e}"[:1000]
+        print(f"bench_sparse: the training part failed: {result['training_error']}", file=sys.stderr)
     save()
     print(json.dumps(result["summary"]))
-    return 0
+    return 1 if "training_error" in result else 0
 
 
 if __name__ == "__main__":
